@@ -1,0 +1,31 @@
+"""Small tensor helpers shared by every layer."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def append_dims(x: Tensor, ndim: int) -> Tensor:
+    """Append trailing singleton dims so a per-sample tensor ``x`` of shape (B,) broadcasts to ``ndim`` dims.
+
+    Args:
+        x: Tensor of shape (B,) or (B, ...).
+        ndim: Number of dims of the tensor ``x`` must broadcast against.
+
+    Returns:
+        A view of ``x`` with shape (B, 1, ..., 1) and ``ndim`` dims.
+    """
+    missing = ndim - x.ndim
+    if missing < 0:
+        raise ValueError(f"append_dims: input has {x.ndim} dims, more than the target {ndim}")
+    return x.reshape(*x.shape, *([1] * missing))
+
+
+def sum_except_batch(x: Tensor) -> Tensor:
+    """Sum over every dim except the first (per-sample reduction)."""
+    return x.flatten(1).sum(1)
+
+
+def mean_except_batch(x: Tensor) -> Tensor:
+    """Average over every dim except the first (per-sample reduction)."""
+    return x.flatten(1).mean(1)
