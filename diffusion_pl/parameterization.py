@@ -1,0 +1,127 @@
+"""What the network predicts, and conversions between eps, x0, v and the score.
+
+For x_t = alpha x0 + sigma eps (any ForwardProcess):
+  eps-prediction:  x0 = (x_t - sigma eps) / alpha                          (Ho et al. 2020, eq. 15)
+  x0-prediction:   eps = (x_t - alpha x0) / sigma
+  v-prediction:    v = alpha eps - sigma x0, so x0 = (alpha x_t - sigma v) / (alpha^2 + sigma^2)
+                   and eps = (sigma x_t + alpha v) / (alpha^2 + sigma^2)  (Salimans & Ho 2022, App. D)
+  score:           grad log q(x_t) = -E[eps | x_t] / sigma                 (Song et al. 2021, eq. 16 / Tweedie)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+from torch import Tensor, nn
+
+from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.utils import append_dims
+
+PredictionKind = Literal["eps", "x0", "v"]
+PREDICTION_KINDS: tuple[str, ...] = ("eps", "x0", "v")
+
+
+@dataclass
+class Prediction:
+    """A denoiser's output, in both the x0 and eps parameterizations.
+
+    Attributes:
+        x0: Predicted clean data E[x0 | x_t].
+        eps: Predicted noise E[eps | x_t].
+        log_var: Learned per-element reverse log-variance (improved DDPM); None means fixed variance.
+        raw: The network's raw output (before conversion), used by losses on the native target.
+    """
+
+    x0: Tensor
+    eps: Tensor
+    log_var: Tensor | None = None
+    raw: Tensor | None = None
+
+
+DenoiseFn = Callable[[Tensor, Tensor], Prediction]
+
+
+def _coefs(process: ForwardProcess, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+    return append_dims(process.alpha(t), ndim), append_dims(process.sigma(t), ndim)
+
+
+def prediction_from_output(kind: PredictionKind, output: Tensor, x_t: Tensor, t: Tensor,
+                           process: ForwardProcess) -> Prediction:
+    """Convert a network output of the given ``kind`` into a :class:`Prediction` (see module docstring)."""
+    alpha, sigma = _coefs(process, t, x_t.ndim)
+    if kind == "eps":
+        return Prediction(x0=(x_t - sigma * output) / alpha, eps=output, raw=output)
+    if kind == "x0":
+        return Prediction(x0=output, eps=(x_t - alpha * output) / sigma, raw=output)
+    if kind == "v":
+        norm = alpha**2 + sigma**2
+        return Prediction(x0=(alpha * x_t - sigma * output) / norm, eps=(sigma * x_t + alpha * output) / norm,
+                          raw=output)
+    raise ValueError(f"unknown prediction kind {kind!r}; choose one of {', '.join(PREDICTION_KINDS)}")
+
+
+def target_for(kind: PredictionKind, x0: Tensor, eps: Tensor, t: Tensor, process: ForwardProcess) -> Tensor:
+    """The regression target of a network that predicts ``kind`` (eps, x0, or v = alpha eps - sigma x0)."""
+    if kind == "eps":
+        return eps
+    if kind == "x0":
+        return x0
+    if kind == "v":
+        alpha, sigma = _coefs(process, t, x0.ndim)
+        return alpha * eps - sigma * x0
+    raise ValueError(f"unknown prediction kind {kind!r}; choose one of {', '.join(PREDICTION_KINDS)}")
+
+
+def eps_from_x0(x0: Tensor, x_t: Tensor, t: Tensor, process: ForwardProcess) -> Tensor:
+    """eps = (x_t - alpha x0) / sigma: the noise consistent with a given x0 estimate."""
+    alpha, sigma = _coefs(process, t, x_t.ndim)
+    return (x_t - alpha * x0) / sigma
+
+
+def x0_from_eps(eps: Tensor, x_t: Tensor, t: Tensor, process: ForwardProcess) -> Tensor:
+    """x0 = (x_t - sigma eps) / alpha: the data estimate consistent with a given eps estimate."""
+    alpha, sigma = _coefs(process, t, x_t.ndim)
+    return (x_t - sigma * eps) / alpha
+
+
+def score_from_eps(eps: Tensor, t: Tensor, process: ForwardProcess) -> Tensor:
+    """grad_x log q_t(x) = -eps / sigma(t) (Song et al. 2021; Tweedie's formula)."""
+    return -eps / append_dims(process.sigma(t), eps.ndim)
+
+
+class Denoiser(nn.Module):
+    """Wrap a network so that ``denoiser(x_t, t, **cond)`` returns a :class:`Prediction`.
+
+    Args:
+        net: Network called as ``net(x_t, net_input_time(t), **cond)``.
+        process: The forward process the network was trained on.
+        kind: What the network predicts: "eps", "x0" or "v".
+    """
+
+    def __init__(self, net: nn.Module, process: ForwardProcess, kind: PredictionKind = "eps") -> None:
+        super().__init__()
+        if kind not in PREDICTION_KINDS:
+            raise ValueError(f"unknown prediction kind {kind!r}; choose one of {', '.join(PREDICTION_KINDS)}")
+        self.net = net
+        self.process = process
+        self.kind = kind
+
+    def forward(self, x_t: Tensor, t: Tensor, **cond: Any) -> Prediction:
+        output = self.net(x_t, self.process.net_input_time(t), **cond)
+        return prediction_from_output(self.kind, output, x_t, t, self.process)
+
+    def bind(self, **cond: Any) -> DenoiseFn:
+        """A :data:`DenoiseFn` with conditioning (labels, low-res images, ...) fixed in a closure."""
+        return lambda x_t, t: self(x_t, t, **cond)
+
+
+def clip_denoised(denoise: DenoiseFn, process: ForwardProcess, low: float = -1.0, high: float = 1.0) -> DenoiseFn:
+    """Clamp the predicted x0 to the data range and recompute eps from it (Ho et al. 2020's released sampler)."""
+
+    def clipped(x_t: Tensor, t: Tensor) -> Prediction:
+        pred = denoise(x_t, t)
+        x0 = pred.x0.clamp(low, high)
+        return Prediction(x0=x0, eps=eps_from_x0(x0, x_t, t, process), log_var=pred.log_var, raw=pred.raw)
+
+    return clipped

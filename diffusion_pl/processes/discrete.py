@@ -1,0 +1,94 @@
+"""Discrete-time DDPM forward process (Ho et al. 2020) with integer steps t in 1..T."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.processes.schedules import ScheduleName, make_betas
+from diffusion_pl.utils import append_dims
+
+
+class DiscreteProcess(ForwardProcess):
+    """DDPM: q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I), t = 1..T (Ho et al. 2020, eq. 2).
+
+    Tables are indexed by the integer step; index 0 is the clean data (alpha-bar_0 = 1), so
+    ``alpha_bar[t - 1]`` is always defined. Tables are computed in float64 and stored in float32.
+
+    Args:
+        num_steps: T, the number of diffusion steps.
+        schedule: Beta schedule name: linear, cosine, quadratic or constant.
+        beta_start: First beta of the linear/quadratic schedule (at T = 1000).
+        beta_end: Last beta of the linear/quadratic schedule (at T = 1000).
+        cosine_s: Offset s of the cosine schedule.
+        betas: Explicit betas (overrides ``schedule``); used for respaced sub-sequences.
+    """
+
+    def __init__(self, num_steps: int = 1000, schedule: ScheduleName = "linear", beta_start: float = 1e-4,
+                 beta_end: float = 0.02, cosine_s: float = 0.008, betas: list[float] | None = None) -> None:
+        super().__init__()
+        betas64 = torch.tensor(betas, dtype=torch.float64) if betas is not None else make_betas(
+            schedule, num_steps, beta_start, beta_end, cosine_s)
+        if not bool(((betas64 > 0) & (betas64 < 1)).all()):
+            raise ValueError("every beta must lie in (0, 1); check the schedule's beta_start/beta_end for this T")
+        self.num_steps = len(betas64)
+        alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas64, 0)])
+        beta = torch.cat([torch.zeros(1, dtype=torch.float64), betas64])
+        posterior_var = beta[1:] * (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:])
+        # Nichol & Dhariwal's clipping: beta-tilde_1 = 0, so log-variance at t = 1 takes beta-tilde_2.
+        posterior_var_clipped = torch.cat([posterior_var[1:2], posterior_var[1:]]) if self.num_steps > 1 else beta[1:]
+        self._register("betas", beta)
+        self._register("alphas_cumprod", alpha_bar)
+        self._register("posterior_variance", torch.cat([torch.zeros(1, dtype=torch.float64), posterior_var]))
+        self._register("posterior_log_variance_clipped",
+                       torch.cat([torch.zeros(1, dtype=torch.float64), posterior_var_clipped.log()]))
+        self._register("posterior_coef_x0", torch.cat([
+            torch.zeros(1, dtype=torch.float64), beta[1:] * alpha_bar[:-1].sqrt() / (1 - alpha_bar[1:])]))
+        self._register("posterior_coef_xt", torch.cat([
+            torch.zeros(1, dtype=torch.float64), (1 - alpha_bar[:-1]) * (1 - beta[1:]).sqrt() / (1 - alpha_bar[1:])]))
+
+    def _register(self, name: str, value: Tensor) -> None:
+        self.register_buffer(name, value.float(), persistent=False)
+
+    def _gather(self, table: Tensor, t: Tensor) -> Tensor:
+        return table[t.long()]
+
+    def alpha(self, t: Tensor) -> Tensor:
+        """sqrt(alpha-bar_t)."""
+        return self._gather(self.alphas_cumprod, t).sqrt()
+
+    def sigma(self, t: Tensor) -> Tensor:
+        """sqrt(1 - alpha-bar_t)."""
+        return (1 - self._gather(self.alphas_cumprod, t)).sqrt()
+
+    def alpha_bar(self, t: Tensor) -> Tensor:
+        """alpha-bar_t = prod_{s <= t} (1 - beta_s); alpha-bar_0 = 1."""
+        return self._gather(self.alphas_cumprod, t)
+
+    def beta(self, t: Tensor) -> Tensor:
+        """beta_t for integer steps t in 1..T."""
+        return self._gather(self.betas, t)
+
+    def sample_t(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+        """t ~ Uniform{1, ..., T} (Ho et al. 2020, Alg. 1)."""
+        return torch.randint(1, self.num_steps + 1, (n,), device=device, generator=generator)
+
+    def net_input_time(self, t: Tensor) -> Tensor:
+        """The integer step itself, as float, is what the UNet embeds."""
+        return t.float()
+
+    def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7).
+
+        mu-tilde = sqrt(alpha-bar_{t-1}) beta_t / (1 - alpha-bar_t) x0
+                   + sqrt(alpha_t) (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) x_t,
+        beta-tilde_t = (1 - alpha-bar_{t-1}) / (1 - alpha-bar_t) beta_t.
+        """
+        mean = (append_dims(self._gather(self.posterior_coef_x0, t), x_t.ndim) * x0
+                + append_dims(self._gather(self.posterior_coef_xt, t), x_t.ndim) * x_t)
+        return mean, self._gather(self.posterior_log_variance_clipped, t)
+
+    def posterior_variance_at(self, t: Tensor) -> Tensor:
+        """beta-tilde_t (unclipped; zero at t = 1)."""
+        return self._gather(self.posterior_variance, t)

@@ -1,0 +1,7 @@
+"""Stateless sampling functions over a denoiser: the time grid is an argument, not hidden state."""
+
+from diffusion_pl.samplers.ddim import sample_ddim
+from diffusion_pl.samplers.ddpm import sample_ddpm
+from diffusion_pl.samplers.grids import strided_steps
+
+__all__ = ["sample_ddim", "sample_ddpm", "strided_steps"]
