@@ -1,0 +1,5 @@
+"""Network architectures (plain ``nn.Module``s, no Lightning)."""
+
+from diffusion_pl.nets.unet import UNet
+
+__all__ = ["UNet"]
