@@ -1,0 +1,299 @@
+"""ImageDataModule: one LightningDataModule for every model family (diffusion, classifiers, CLIP, autoencoders)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from diffusion_pl.data.sampler import ResumableDataLoader, ResumableSampler
+from diffusion_pl.data.sources import (
+    ImageData,
+    check_image_args,
+    check_source,
+    load_split,
+    prepare_source,
+    source_class_names,
+)
+from diffusion_pl.utils import append_dims
+
+log = logging.getLogger(__name__)
+
+# Odd 64-bit constants (golden-ratio and splitmix64 multipliers) to mix (seed, rank, batch) into one seed.
+_MIX_SEED, _MIX_RANK = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
+
+
+class ImageDataset(Dataset):
+    """In-memory uint8 images served as ``{"image": float in [-1, 1], "label": int, "caption": str}``.
+
+    Args:
+        data: The split (uint8 images at the final size and channel count).
+        caption_template: Format string filled with the class name, e.g. ``"a photo of a {}"``.
+    """
+
+    def __init__(self, data: ImageData, caption_template: str = "a photo of a {}") -> None:
+        self.data = data
+        self.captions = [caption_template.format(name) for name in data.class_names]
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        label = int(self.data.labels[index])
+        image = self.data.images[index].to(torch.float32) / 127.5 - 1.0
+        return {"image": image, "label": label, "caption": self.captions[label]}
+
+
+class SeedDataset(Dataset):
+    """``num_samples`` items ``{"seed": start + index}``: the model's predict_step makes its noise from them."""
+
+    def __init__(self, num_samples: int, start: int = 0) -> None:
+        self.num_samples, self.start = num_samples, start
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"seed": torch.tensor(self.start + index, dtype=torch.int64)}
+
+
+def _split_off(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
+    """Split a seeded random ``fraction`` of ``data`` off (returned second); the same seed gives the same split."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    num_held = int(round(fraction * len(data)))
+    keep, held = order[num_held:].sort().values, order[:num_held].sort().values
+
+    def subset(index: Tensor) -> ImageData:
+        return ImageData(data.images[index], data.labels[index], data.class_names)
+
+    return subset(keep), subset(held)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Image data for every model: batches ``{"image": (B, C, H, W) in [-1, 1], "label": long, "caption": list[str]}``.
+
+    Training order is exactly resumable (:class:`ResumableDataLoader`/:class:`ResumableSampler`, saved in the
+    checkpoint by Lightning); the optional horizontal flip is a batched augmentation applied after the
+    batch reaches the device, driven by seeds that this datamodule's ``state_dict`` restores.
+
+    Args:
+        source: Dataset source, one of ``fashion_mnist``, ``mnist``, ``cifar10``, ``image_folder``, ``digits``.
+        root: Local folder of the data (required for ``image_folder``; optional elsewhere).
+        image_size: Side length every image is converted to once at load.
+        channels: 1 (grayscale) or 3 (RGB).
+        resize_mode: ``"pad"`` smaller images with black (Fashion-MNIST 28 -> 32) or ``"resize"`` + center-crop.
+        random_flip: Flip training images horizontally with probability 1/2.
+        val_fraction: Fraction of the train split held out (seeded, fixed) for validation, in [0, 1).
+        batch_size: Batch size per process for train/val/test.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        seed: Seed of the validation split, the training order and the flips.
+        download: Allow downloading the data (torchvision) when no local copy exists.
+        caption_template: Caption made from the class name, e.g. ``"a photo of a {}"``.
+        predict_num_samples: Number of items ``{"seed": predict_seed + i}`` the predict loader yields.
+        predict_seed: First noise seed for prediction.
+        predict_batch_size: Batch size of the predict loader (default ``batch_size``).
+    """
+
+    def __init__(
+        self,
+        source: str = "fashion_mnist",
+        root: str | None = None,
+        image_size: int = 32,
+        channels: int = 1,
+        resize_mode: Literal["pad", "resize"] = "pad",
+        random_flip: bool = False,
+        val_fraction: float = 0.05,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        seed: int = 0,
+        download: bool = True,
+        caption_template: str = "a photo of a {}",
+        predict_num_samples: int = 64,
+        predict_seed: int = 0,
+        predict_batch_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        check_source(source)
+        check_image_args(image_size, channels, resize_mode)
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(
+                f"val_fraction must be in [0, 1) (the fraction of the train split held out), got {val_fraction}"
+            )
+        if batch_size < 1 or (predict_batch_size is not None and predict_batch_size < 1):
+            raise ValueError(
+                f"batch sizes must be >= 1, got batch_size={batch_size}, predict_batch_size={predict_batch_size}"
+            )
+        if source == "image_folder" and root is None:
+            raise ValueError(
+                "source 'image_folder' needs a folder: pass `data.root=/path/to/images` (one subfolder per class)"
+            )
+        self.save_hyperparameters()
+        self._class_names: tuple[str, ...] | None = None
+        self.train_set: ImageDataset | None = None
+        self.val_set: ImageDataset | None = None
+        self.test_set: ImageDataset | None = None
+        self._flip_batches = 0
+        self._flip_generator = torch.Generator()
+
+    # ------------------------------------------------------------------------------------------- metadata
+
+    @property
+    def class_names(self) -> list[str]:
+        """Class names in label order, known without loading images (image_folder lists its subfolders)."""
+        if self._class_names is None:
+            self._class_names = source_class_names(self.hparams.source, self.hparams.root)
+        return list(self._class_names)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes; link it to the model's ``num_classes``."""
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, image_size, image_size) of every image."""
+        return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
+
+    def _world(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached trainer, or (1, 0) without one."""
+        if self.trainer is None:
+            return 1, 0
+        return self.trainer.world_size, self.trainer.global_rank
+
+    # ------------------------------------------------------------------------------------------- loading
+
+    def prepare_data(self) -> None:
+        """Download the data when needed and allowed (runs on one process)."""
+        prepare_source(self.hparams.source, self.hparams.root, self.hparams.download)
+
+    def _load(self, split: Literal["train", "test"]) -> ImageData | None:
+        hp = self.hparams
+        return load_split(
+            hp.source, split, root=hp.root, image_size=hp.image_size, channels=hp.channels,
+            resize_mode=hp.resize_mode, download=hp.download,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits ``stage`` needs into memory (once; later calls reuse them).
+
+        Args:
+            stage: ``"fit"``, ``"validate"``, ``"test"``, ``"predict"`` or None (all).
+        """
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            self._setup_train_val()
+        if stage in (None, "test") and self.test_set is None:
+            self._setup_test()
+
+    def _setup_train_val(self) -> None:
+        hp = self.hparams
+        data = self._load("train")
+        assert data is not None
+        self._class_names = data.class_names
+        train, val = _split_off(data, hp.val_fraction, hp.seed)
+        self.train_set = ImageDataset(train, hp.caption_template)
+        self.val_set = ImageDataset(val, hp.caption_template)
+        shape = tuple(train.images.shape[1:])
+        log.info("%s: %d train / %d val images of shape %s", hp.source, len(train), len(val), shape)
+
+    def _setup_test(self) -> None:
+        hp = self.hparams
+        data = self._load("test")
+        if data is None:
+            if self.val_set is None:
+                self._setup_train_val()
+            log.warning("%s has no test split (use root/train + root/test); testing on the validation split", hp.source)
+            self.test_set = self.val_set
+            return
+        self.test_set = ImageDataset(data, hp.caption_template)
+        log.info("%s: %d test images", hp.source, len(data))
+
+    # ------------------------------------------------------------------------------------------- loaders
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        workers = self.hparams.num_workers
+        return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
+
+    def _require(self, dataset: ImageDataset | None, stage: str) -> ImageDataset:
+        if dataset is None:
+            raise RuntimeError(f"ImageDataModule has no data yet: call setup({stage!r}) first (the Trainer does this)")
+        return dataset
+
+    def train_dataloader(self) -> ResumableDataLoader:
+        """Shuffled, sharded by rank, ``drop_last``; order depends only on (seed, epoch) and resumes exactly."""
+        dataset = self._require(self.train_set, "fit")
+        world_size, rank = self._world()
+        sampler = ResumableSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=self.hparams.seed, drop_last=True
+        )
+        if len(sampler) < self.hparams.batch_size:
+            raise ValueError(
+                f"each of {world_size} process(es) gets {len(sampler)} training images, fewer than "
+                f"batch_size={self.hparams.batch_size}, so no full batch exists; lower data.batch_size"
+            )
+        return ResumableDataLoader(
+            dataset, batch_size=self.hparams.batch_size, sampler=sampler, drop_last=True, **self._loader_kwargs()
+        )
+
+    def _eval_loader(self, dataset: ImageDataset) -> DataLoader | list:
+        """Plain in-order loader; Lightning shards it with a DistributedSampler under DDP."""
+        if len(dataset) == 0:
+            return []
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=False, **self._loader_kwargs())
+
+    def val_dataloader(self) -> DataLoader | list:
+        """Validation split held out of train; an empty list (no validation) when ``val_fraction=0``."""
+        return self._eval_loader(self._require(self.val_set, "validate"))
+
+    def test_dataloader(self) -> DataLoader | list:
+        """Official test split (the validation split for an image folder without one)."""
+        return self._eval_loader(self._require(self.test_set, "test"))
+
+    def predict_dataloader(self) -> DataLoader:
+        """``predict_num_samples`` items ``{"seed": predict_seed + i}`` in order, for reproducible sampling."""
+        hp = self.hparams
+        dataset = SeedDataset(hp.predict_num_samples, hp.predict_seed)
+        return DataLoader(dataset, batch_size=hp.predict_batch_size or hp.batch_size, shuffle=False)
+
+    # ------------------------------------------------------------------------------------------- augmentation
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Random horizontal flip of training batches (never in validation, test or predict)."""
+        training = self.trainer is not None and self.trainer.training
+        if self.hparams.random_flip and training and isinstance(batch, dict) and "image" in batch:
+            batch = {**batch, "image": self.flip(batch["image"])}
+        return batch
+
+    def flip(self, images: Tensor) -> Tensor:
+        """Flip each image horizontally with probability 1/2.
+
+        The mask is drawn on CPU by this datamodule's generator, reseeded per batch from
+        (seed, rank, batch counter): every rank has its own stream, and the counter (the same on every rank,
+        saved in :meth:`state_dict`) makes a resumed run flip exactly as an uninterrupted one.
+
+        Args:
+            images: (B, C, H, W) batch on any device.
+
+        Returns:
+            The batch with a random subset of images mirrored left-right.
+        """
+        _, rank = self._world()
+        mixed = (self.hparams.seed * _MIX_SEED + rank * _MIX_RANK + self._flip_batches) % (1 << 63)
+        self._flip_generator.manual_seed(mixed)
+        self._flip_batches += 1
+        mask = torch.rand(images.shape[0], generator=self._flip_generator) < 0.5
+        mask = append_dims(mask.to(images.device), images.ndim)
+        return torch.where(mask, images.flip(-1), images)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Flip state saved in checkpoints: the batch counter and the generator state."""
+        return {"flip_batches": self._flip_batches, "flip_generator": self._flip_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the flip state saved by :meth:`state_dict`."""
+        self._flip_batches = int(state_dict.get("flip_batches", 0))
+        if (state := state_dict.get("flip_generator")) is not None:
+            self._flip_generator.set_state(state)
