@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -29,3 +30,8 @@ def sum_except_batch(x: Tensor) -> Tensor:
 def mean_except_batch(x: Tensor) -> Tensor:
     """Average over every dim except the first (per-sample reduction)."""
     return x.flatten(1).mean(1)
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """Map images in [-1, 1] to uint8 in [0, 255] (round to nearest), the inverse of x / 127.5 - 1."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -214,8 +214,13 @@ class ImageDataModule(L.LightningDataModule):
     # ------------------------------------------------------------------------------------------- loaders
 
     def _loader_kwargs(self) -> dict[str, Any]:
+        """Common DataLoader options. The loader's own generator supplies the per-iterator base seed, which a
+        DataLoader otherwise draws from the global RNG at every new epoch or evaluation, shifting the noise of
+        the training steps after it (and so breaking exact resume across epoch boundaries)."""
         workers = self.hparams.num_workers
-        return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available()}
+        generator = torch.Generator().manual_seed(self.hparams.seed + self._world()[1])
+        return {"num_workers": workers, "persistent_workers": workers > 0, "pin_memory": torch.cuda.is_available(),
+                "generator": generator}
 
     def _require(self, dataset: ImageDataset | None, stage: str) -> ImageDataset:
         if dataset is None:

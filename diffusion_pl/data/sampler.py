@@ -75,6 +75,7 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self._batches_seen = 0
         self._resume_pending = False
+        self._resume_epoch = 0
 
     def _resumable_sampler(self) -> tuple[ResumableSampler | None, int]:
         """The ResumableSampler to skip in, and the number of indices per batch (None if skipping is impossible)."""
@@ -91,7 +92,10 @@ class ResumableDataLoader(DataLoader):
         return getattr(self.batch_sampler, "sampler", None)
 
     def __iter__(self) -> Iterator[Any]:
-        skip = self._batches_seen if self._resume_pending else 0
+        # Lightning sets the epoch before iterating; when it has moved past the saved epoch (a checkpoint written
+        # after training stopped counts its epoch as finished), the new epoch starts from its beginning.
+        same_epoch = getattr(self._epoch_sampler(), "epoch", 0) == self._resume_epoch
+        skip = self._batches_seen if self._resume_pending and same_epoch else 0
         self._resume_pending = False
         self._batches_seen = skip
         sampler, per_batch = self._resumable_sampler()
@@ -135,4 +139,5 @@ class ResumableDataLoader(DataLoader):
             epoch, seen = epoch + 1, 0
         self.set_epoch(epoch)
         self._batches_seen = seen
+        self._resume_epoch = epoch
         self._resume_pending = True

@@ -1,0 +1,58 @@
+"""Exponential moving average of the weights, through Lightning's WeightAveraging."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import EMAWeightAveraging
+
+
+class EMA(EMAWeightAveraging):
+    """EMA of all weights, theta_ema <- decay theta_ema + (1 - decay) theta (Ho et al. 2020 use decay 0.9999).
+
+    Lightning swaps the averaged weights in for validation, stores them as the checkpoint's
+    ``state_dict`` (so ``validate``/``test``/``predict`` from a checkpoint use them) and keeps the raw
+    weights and the averaging state for exact resume. Unlike the base class, the averaged copy lives on
+    the training device (the base class would build it before the model moves to the GPU), and the raw
+    weights stay in the model after ``fit`` (use a checkpoint or :func:`averaged_module` for the average).
+
+    Args:
+        decay: EMA decay per update.
+        update_every_n_steps: Update the average every N optimizer steps.
+        update_starting_at_step: First optimizer step (0-based) that updates the average.
+        device: Device of the averaged copy; defaults to the training device.
+    """
+
+    def __init__(self, decay: float = 0.9999, update_every_n_steps: int = 1,
+                 update_starting_at_step: int | None = None, device: str | None = None) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        super().__init__(device=device, decay=decay, update_every_n_steps=update_every_n_steps,
+                         update_starting_at_step=update_starting_at_step)
+        self.decay = decay
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self._device is None:
+            self._device = trainer.strategy.root_device
+        super().setup(trainer, pl_module, stage)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Keep the raw weights live when training ends.
+
+        The base class copies the average into the model here, but ModelCheckpoint writes ``last.ckpt``
+        after this hook; the raw weights would then be lost and a later ``--ckpt_path last`` with more
+        steps could not resume exactly. Checkpoints still carry the average as ``state_dict``.
+        """
+
+    @property
+    def averaged_module(self) -> pl.LightningModule | None:
+        """The LightningModule copy holding the averaged weights, or None outside of fitting."""
+        return None if self._average_model is None else self._average_model.module
+
+
+def averaged_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
+    """The EMA copy of ``pl_module`` while an :class:`EMA` callback is fitting, else ``pl_module`` itself
+    (outside fitting, checkpoints already hold the averaged weights)."""
+    for callback in trainer.callbacks:
+        if isinstance(callback, EMA) and callback.averaged_module is not None:
+            return callback.averaged_module
+    return pl_module

@@ -1,0 +1,53 @@
+"""The ``diffusion-pl`` command: a LightningCLI over every model family with one shared DataModule.
+
+    diffusion-pl fit --config configs/ddpm/fashion_mnist.yaml [--trainer.max_steps=100 ...]
+    diffusion-pl predict --config configs/ddpm/fashion_mnist.yaml --ckpt_path path/to/last.ckpt
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from diffusion_pl.callbacks import ResumeRNGState
+from diffusion_pl.data import ImageDataModule
+
+# Arguments written once, in `data`, and copied into the model and its network.
+DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
+    ("data.init_args.image_size", "model.init_args.image_size"),
+    ("data.init_args.channels", "model.init_args.channels"),
+    ("data.init_args.image_size", "model.init_args.net.init_args.image_size"),
+    ("data.init_args.channels", "model.init_args.net.init_args.in_channels"),
+)
+
+
+class DiffusionCLI(LightningCLI):
+    """LightningCLI with OmegaConf interpolation, data->model argument links and the exact-resume callback."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for source, target in DATA_TO_MODEL_LINKS:
+            parser.link_arguments(source, target)
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionCLI:
+    """Construct (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+    return DiffusionCLI(
+        model_class=pl.LightningModule,
+        datamodule_class=ImageDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        trainer_defaults={"callbacks": [ResumeRNGState()]},
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Console-script entry point."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    build_cli(args)

@@ -1,0 +1,5 @@
+"""Thin LightningModules that wire nets, processes, losses and samplers together."""
+
+from diffusion_pl.models.diffusion import DiffusionModule
+
+__all__ = ["DiffusionModule"]

@@ -1,0 +1,59 @@
+"""Helpers for end-to-end tests: a tiny-net CLI invocation on the bundled digits data."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+
+from diffusion_pl.cli import DiffusionCLI, build_cli
+
+REPO = Path(__file__).resolve().parent.parent
+DDPM_FASHION = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
+
+# Overrides that make any diffusion config run in seconds on CPU: a tiny UNet on 8x8 digits, T = 100.
+TINY_NET = [
+    "--model.init_args.net.init_args.base_channels=16",
+    "--model.init_args.net.init_args.channel_mult=[1,2]",
+    "--model.init_args.net.init_args.num_res_blocks=1",
+    "--model.init_args.net.init_args.attention_resolutions=[4]",
+]
+TINY_DATA = [
+    "--data.init_args.source=digits",
+    "--data.init_args.image_size=8",
+    "--data.init_args.channels=1",
+    "--data.init_args.resize_mode=resize",
+    "--data.init_args.batch_size=128",
+    "--model.init_args.process.init_args.num_steps=100",
+]
+
+
+def tiny_args(root: Path, *extra: str, config: str = DDPM_FASHION) -> list[str]:
+    """CLI arguments (without the subcommand) for a tiny run of ``config`` writing under ``root``."""
+    return ["--config", config, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", *TINY_NET, *TINY_DATA, *extra]
+
+
+def tiny_cli(root: Path, *extra: str, config: str = DDPM_FASHION) -> DiffusionCLI:
+    """Build (without running) the CLI for a tiny run."""
+    return build_cli(tiny_args(root, *extra, config=config), run=False)
+
+
+def set_callback(cli: DiffusionCLI, kind: type, **attributes: Any) -> pl.Callback:
+    """Set attributes of the instantiated callback of type ``kind`` (the CLI's list syntax addresses by position)."""
+    callback = next(c for c in cli.trainer.callbacks if isinstance(c, kind))
+    for name, value in attributes.items():
+        setattr(callback, name, value)
+    return callback
+
+
+class LossRecorder(pl.Callback):
+    """Records the training loss of every step, keyed by global step."""
+
+    def __init__(self) -> None:
+        self.losses: dict[int, float] = {}
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.losses[trainer.global_step] = float(outputs["loss"])

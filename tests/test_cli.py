@@ -1,0 +1,87 @@
+"""The command line: every config parses and runs, overrides and links work, bad input says what to fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from diffusion_pl.cli import build_cli
+from diffusion_pl.data.sources import DatasetNotFoundError
+from helpers import REPO, tiny_args
+
+CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
+
+
+def run_cli(args: list[str]) -> None:
+    build_cli(args)
+
+
+def test_configs_exist() -> None:
+    assert "configs/ddpm/fashion_mnist.yaml" in CONFIGS and "configs/ddpm/cifar10.yaml" in CONFIGS
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_prints(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["fit", "--config", str(REPO / config), "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "class_path: diffusion_pl.models." in printed and "class_path: diffusion_pl.data.ImageDataModule" in printed
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_fast_dev_run(config: str, tmp_path: Path) -> None:
+    run_cli(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run=true", "--trainer.precision=32-true",
+                               "--trainer.devices=1", "--data.init_args.num_workers=0",
+                               config=str(REPO / config))])
+
+
+def test_data_arguments_are_linked_into_model_and_net(tmp_path: Path) -> None:
+    cli = build_cli(tiny_args(tmp_path), run=False)
+    assert cli.model.hparams.image_size == 8 and cli.model.hparams.channels == 1
+    net = cli.model.denoiser.net
+    assert net.image_size == 8 and net.in_channels == 1
+
+
+def test_omegaconf_interpolation(tmp_path: Path) -> None:
+    """Interpolations are resolved inside each config file when it is loaded (jsonargparse's omegaconf mode)."""
+    extra = tmp_path / "extra.yaml"
+    extra.write_text("data:\n  init_args:\n    batch_size: 16\n    predict_num_samples: ${data.init_args.batch_size}\n")
+    args = tiny_args(tmp_path)
+    cli = build_cli([*args[:2], "--config", str(extra), *args[2:]], run=False)
+    assert cli.datamodule.hparams.predict_num_samples == 16
+
+
+def test_unknown_config_key_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        run_cli(["fit", *tiny_args(tmp_path, "--model.init_args.net.init_args.base_chanels=8")])
+    assert "base_chanels" in capsys.readouterr().err
+
+
+def test_unknown_dataset_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises((SystemExit, ValueError)) as info:
+        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=imagenet", "--trainer.fast_dev_run=true")])
+    message = str(info.value) + capsys.readouterr().err
+    assert "imagenet" in message and "fashion_mnist" in message
+
+
+def test_missing_offline_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DatasetNotFoundError, match="data.root"):
+        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=cifar10", f"--data.init_args.root={tmp_path}",
+                                   "--data.init_args.download=false", "--trainer.fast_dev_run=true")])
+
+
+def test_image_size_the_unet_cannot_downsample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises((SystemExit, ValueError)) as info:
+        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.image_size=9", "--trainer.fast_dev_run=true")])
+    message = str(info.value) + capsys.readouterr().err
+    assert "image_size" in message and "channel_mult" in message
+
+
+def test_module_entry_point_matches_console_script() -> None:
+    for command in ([sys.executable, "-m", "diffusion_pl", "--help"], ["diffusion-pl", "--help"]):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout

@@ -1,0 +1,128 @@
+"""End to end on CPU: fit, exact resume, EMA, TensorBoard contents, predict outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from diffusion_pl.callbacks import EMA, SampleGrid, SampleWriter
+from helpers import LossRecorder, set_callback, tiny_cli
+
+pytestmark = pytest.mark.slow
+
+
+def fit(root: Path, *extra: str, ckpt_path: str | None = None, grid: dict | None = None,
+        extra_callbacks: list[pl.Callback] = ()) -> tuple[LossRecorder, object]:
+    cli = tiny_cli(root, *extra)
+    set_callback(cli, SampleGrid, **(grid if grid is not None else {"every_n_steps": 0, "num_samples": 4}))
+    recorder = LossRecorder()
+    cli.trainer.callbacks[:0] = list(extra_callbacks)
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return recorder, cli
+
+
+RESUME_ARGS = ("--trainer.val_check_interval=4", "--trainer.limit_val_batches=2", "--data.init_args.random_flip=true",
+               "--model.init_args.net.init_args.dropout=0.1")
+
+
+class Crash(pl.Callback):
+    """Simulates a killed job: raises when step ``at`` + 1 would start (after step ``at`` was checkpointed)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("interrupt_at", [6, 11])
+def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, interrupt_at: int) -> None:
+    """11 batches per epoch: step 6 is mid-epoch (after a validation at 4), step 11 an epoch boundary.
+    Losses after resuming equal the uninterrupted run's: same weights, optimizer, LR, EMA, data order,
+    flips, timesteps, noise and dropout masks."""
+    full, _ = fit(tmp_path / "full", "--trainer.max_steps=16", *RESUME_ARGS)
+    every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
+    with pytest.raises(SystemExit):
+        fit(tmp_path / "cut", "--trainer.max_steps=16", *RESUME_ARGS, extra_callbacks=[every_step, Crash(interrupt_at)])
+    last = str(tmp_path / "ckpt" / "last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] == interrupt_at
+    resumed, _ = fit(tmp_path / "cut", "--trainer.max_steps=16", *RESUME_ARGS, ckpt_path=last)
+    assert sorted(resumed.losses) == list(range(interrupt_at + 1, 17))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), f"loss differs at step {step}"
+
+
+def test_continuing_a_finished_run_starts_a_new_epoch(tmp_path: Path) -> None:
+    """A checkpoint written when max_steps stopped training counts its epoch as done (Lightning's rule)."""
+    fit(tmp_path, "--trainer.max_steps=6", "--trainer.limit_val_batches=0")
+    last = str(next(tmp_path.rglob("last.ckpt")))
+    resumed, _ = fit(tmp_path, "--trainer.max_steps=9", "--trainer.limit_val_batches=0", ckpt_path=last)
+    assert sorted(resumed.losses) == [7, 8, 9]
+
+
+def test_ema_matches_closed_form_and_is_checkpointed(tmp_path: Path) -> None:
+    """theta_ema after k updates = the recursion ema <- d ema + (1 - d) theta, seeded with the first weights."""
+    cli = tiny_cli(tmp_path, "--trainer.max_steps=5", "--trainer.limit_val_batches=0")
+    set_callback(cli, SampleGrid, every_n_steps=0, num_samples=2)
+    ema = next(c for c in cli.trainer.callbacks if isinstance(c, EMA))
+    decay = ema.decay
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    class Snapshot(LossRecorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            snapshots.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
+
+    cli.trainer.callbacks.insert(0, Snapshot())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    expected = dict(snapshots[0])
+    for snap in snapshots[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * snap[k] for k in expected}
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)
+    for name, value in expected.items():
+        torch.testing.assert_close(ckpt["state_dict"][name], value, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ckpt["current_model_state"][name], snapshots[-1][name])
+    assert any((ckpt["state_dict"][k] - snapshots[-1][k]).abs().max() > 0 for k in expected)
+
+
+def test_tensorboard_has_loss_and_sample_images(tmp_path: Path) -> None:
+    _, cli = fit(tmp_path, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1",
+                 "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+                 "--model.init_args.sample_steps=5", grid={"every_n_steps": 2, "num_samples": 4})
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file written"
+    acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    assert "train/loss" in acc.Tags()["scalars"] and "val/loss" in acc.Tags()["scalars"]
+    assert len(acc.Scalars("train/loss")) == 4
+    assert "samples" in acc.Tags()["images"]
+    assert [e.step for e in acc.Images("samples")] == [2, 4, 4]
+    grid_cb = next(c for c in cli.trainer.callbacks if isinstance(c, SampleGrid))
+    png = Image.open(grid_cb.last_path)
+    assert png.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
+
+
+def test_predict_writes_grid_and_npz_reproducibly(tmp_path: Path) -> None:
+    fit(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
+    ckpt = str(next((tmp_path / "train").rglob("last.ckpt")))
+    outputs = []
+    for name, batch_size in (("a", 3), ("b", 5)):
+        out = tmp_path / name
+        cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=7",
+                       f"--data.init_args.predict_batch_size={batch_size}", "--model.init_args.sampler=ddim",
+                       "--model.init_args.sample_steps=10", "--model.init_args.eta=0.0")
+        set_callback(cli, SampleWriter, output_dir=str(out))
+        cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, return_predictions=False)
+        samples = np.load(out / "samples.npz")["samples"]
+        assert samples.shape == (7, 8, 8, 1) and samples.dtype == np.uint8
+        assert Image.open(out / "grid.png").size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
+        outputs.append(samples)
+    np.testing.assert_array_equal(outputs[0], outputs[1])
