@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One-shot set-up on a fresh machine: the Fashion-MNIST system package (as root), PyTorch, and this package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = "0" ]; then
+    apt-get update -q
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
+  else
+    echo "Fashion-MNIST system copy missing: run 'sudo apt-get install dataset-fashion-mnist'," \
+         "or pass --data.init_args.root=DIR (idx .gz files), or let torchvision download it." >&2
+  fi
+fi
+
+python3 -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+python3 -m pip install -q -e ".[test]"
