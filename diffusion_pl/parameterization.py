@@ -93,23 +93,45 @@ def score_from_eps(eps: Tensor, t: Tensor, process: ForwardProcess) -> Tensor:
 class Denoiser(nn.Module):
     """Wrap a network so that ``denoiser(x_t, t, **cond)`` returns a :class:`Prediction`.
 
+    With ``learned_variance`` the network outputs twice the image channels: the prediction, then v in
+    [-1, 1] mapped to the interpolation weight (v + 1) / 2 between log beta_t and log beta-tilde_t
+    (Nichol & Dhariwal 2021, eq. 15; the process must provide ``interpolated_log_variance``).
+
     Args:
         net: Network called as ``net(x_t, net_input_time(t), **cond)``.
-        process: The forward process the network was trained on.
+        process: The forward process the network was trained on (or a respaced version of it).
         kind: What the network predicts: "eps", "x0" or "v".
+        learned_variance: Whether the network also outputs the reverse-variance interpolation.
     """
 
-    def __init__(self, net: nn.Module, process: ForwardProcess, kind: PredictionKind = "eps") -> None:
+    def __init__(self, net: nn.Module, process: ForwardProcess, kind: PredictionKind = "eps",
+                 learned_variance: bool = False) -> None:
         super().__init__()
         if kind not in PREDICTION_KINDS:
             raise ValueError(f"unknown prediction kind {kind!r}; choose one of {', '.join(PREDICTION_KINDS)}")
+        if learned_variance and not hasattr(process, "interpolated_log_variance"):
+            raise ValueError(f"learned variance needs a discrete (DDPM) process; {type(process).__name__} has no "
+                             "beta_t / beta-tilde_t to interpolate between")
         self.net = net
         self.process = process
         self.kind = kind
+        self.learned_variance = learned_variance
 
     def forward(self, x_t: Tensor, t: Tensor, **cond: Any) -> Prediction:
         output = self.net(x_t, self.process.net_input_time(t), **cond)
-        return prediction_from_output(self.kind, output, x_t, t, self.process)
+        if not self.learned_variance:
+            return prediction_from_output(self.kind, output, x_t, t, self.process)
+        if output.shape[1] != 2 * x_t.shape[1]:
+            raise ValueError(f"a learned-variance net must output 2 x {x_t.shape[1]} channels, got "
+                             f"{output.shape[1]}: set the net's learn_sigma: true")
+        mean_output, v = output.chunk(2, dim=1)
+        pred = prediction_from_output(self.kind, mean_output, x_t, t, self.process)
+        pred.log_var = self.process.interpolated_log_variance((v + 1) / 2, t)
+        return pred
+
+    def with_process(self, process: ForwardProcess) -> Denoiser:
+        """The same network under another process, e.g. a respaced sub-sequence of this one."""
+        return Denoiser(self.net, process, self.kind, self.learned_variance)
 
     def bind(self, **cond: Any) -> DenoiseFn:
         """A :data:`DenoiseFn` with conditioning (labels, low-res images, ...) fixed in a closure."""

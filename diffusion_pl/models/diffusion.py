@@ -11,12 +11,12 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from diffusion_pl.losses import SimpleLoss
+from diffusion_pl.likelihood.vlb import nats_to_bits_per_dim, variational_bound
+from diffusion_pl.losses import DenoisingLoss, SimpleLoss
 from diffusion_pl.models.lr_schedule import Decay, warmup_multiplier
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised
-from diffusion_pl.processes.discrete import DiscreteProcess
-from diffusion_pl.samplers import sample_ddim, sample_ddpm
-from diffusion_pl.samplers.ddpm import FixedVariance
+from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
+from diffusion_pl.samplers import sample_ddim, sample_ddpm, strided_steps
 from diffusion_pl.utils import to_uint8
 
 SamplerName = Literal["ddpm", "ddim"]
@@ -41,11 +41,16 @@ class DiffusionModule(pl.LightningModule):
         lr_decay: "constant" after warm-up, or "cosine" decay to 0 at the trainer's max_steps.
         image_size: Side of the square images (linked from the data config).
         channels: Image channels (linked from the data config).
+        learned_variance: The net outputs the reverse-variance interpolation too (improved DDPM; the net
+            needs ``learn_sigma: true``).
         sampler: Sampler used by ``sample``/``predict``: "ddpm" (ancestral) or "ddim".
-        sample_steps: Steps of the DDIM sampler (the DDPM sampler always runs all T steps).
+        sample_steps: Sampling steps: DDIM's strided grid, or the respaced DDPM chain (None: all T steps).
         eta: DDIM stochasticity in [0, 1].
-        ddpm_variance: Fixed reverse variance of the DDPM sampler: "beta" or "posterior".
+        ddpm_variance: Fixed reverse variance "beta" or "posterior" (sampling and the bound, when not learned).
         clip_samples: Clamp the predicted x0 to [-1, 1] at every sampling step.
+        val_bpd_terms: Network evaluations per validation batch for the stratified estimate of the variational
+            bound logged as ``val/bpd`` (0 disables it).
+        test_bpd_terms: Terms of the bound logged as ``test/bpd``; None evaluates all T (the full bound).
     """
 
     def __init__(
@@ -53,23 +58,26 @@ class DiffusionModule(pl.LightningModule):
         net: nn.Module,
         process: DiscreteProcess,
         prediction: PredictionKind = "eps",
-        loss: SimpleLoss | None = None,
+        loss: DenoisingLoss | None = None,
         optimizer: OptimizerCallable = default_optimizer,
         warmup_steps: int = 0,
         lr_decay: Decay = "constant",
         image_size: int = 32,
         channels: int = 3,
+        learned_variance: bool = False,
         sampler: SamplerName = "ddpm",
-        sample_steps: int = 100,
+        sample_steps: int | None = None,
         eta: float = 0.0,
         ddpm_variance: FixedVariance = "beta",
         clip_samples: bool = True,
+        val_bpd_terms: int = 0,
+        test_bpd_terms: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "process", "loss"])
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
-        self.denoiser = Denoiser(net, process, prediction)
+        self.denoiser = Denoiser(net, process, prediction, learned_variance)
         self.loss_fn = loss if loss is not None else SimpleLoss()
         self.optimizer_factory = optimizer
 
@@ -92,18 +100,25 @@ class DiffusionModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("val/loss", self._fixed_noise_loss(batch, batch_idx), sync_dist=True,
-                 batch_size=batch["image"].shape[0])
+        self._evaluate(batch, batch_idx, "val", self.hparams.val_bpd_terms)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self.log("test/loss", self._fixed_noise_loss(batch, batch_idx), sync_dist=True,
-                 batch_size=batch["image"].shape[0])
+        self._evaluate(batch, batch_idx, "test", self.hparams.test_bpd_terms)
 
-    def _fixed_noise_loss(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        """Loss with (t, eps) drawn from a generator seeded by the batch index: comparable across evaluations
-        and free of side effects on the global RNG (which keeps resumed training exact)."""
+    def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str, bpd_terms: int | None) -> None:
+        """Log ``<stage>/loss`` and, unless ``bpd_terms`` is 0, ``<stage>/bpd`` (the variational bound, estimated
+        from ``bpd_terms`` stratified steps or complete when None). Noise and steps come from a generator seeded by
+        the batch index: comparable across evaluations, and the global RNG is untouched (exact resume)."""
         generator = torch.Generator(device=self.device).manual_seed(batch_idx + 1000 * self.global_rank)
-        return self.loss_fn(self.denoiser, batch["image"], generator=generator, **self.conditioning(batch)).mean()
+        images, cond = batch["image"], self.conditioning(batch)
+        size = images.shape[0]
+        loss = self.loss_fn(self.denoiser, images, generator=generator, **cond).mean()
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=size)
+        if bpd_terms != 0:
+            nats = variational_bound(self.denoiser.bind(**cond), self.process, images, num_terms=bpd_terms,
+                                     fixed_variance=self.hparams.ddpm_variance, generator=generator)
+            bpd = nats_to_bits_per_dim(nats, images[0].numel()).mean()
+            self.log(f"{stage}/bpd", bpd, sync_dist=True, batch_size=size)
 
     def _check_finite(self, loss: Tensor) -> None:
         """Fail fast on a NaN/inf loss, checked at logging steps only (a host sync every step would slow GPUs)."""
@@ -121,10 +136,10 @@ class DiffusionModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def sampling_denoiser(self, **cond: Any) -> DenoiseFn:
-        """The denoiser the samplers call, with conditioning bound and optional x0 clipping."""
-        denoise = self.denoiser.bind(**cond)
-        return clip_denoised(denoise, self.process) if self.hparams.clip_samples else denoise
+    def sampling_denoiser(self, denoiser: Denoiser, **cond: Any) -> DenoiseFn:
+        """``denoiser`` as the samplers call it: conditioning bound, optional x0 clipping."""
+        denoise = denoiser.bind(**cond)
+        return clip_denoised(denoise, denoiser.process) if self.hparams.clip_samples else denoise
 
     @torch.no_grad()
     def sample(self, num_samples: int | None = None, *, noise: Tensor | None = None,
@@ -135,12 +150,15 @@ class DiffusionModule(pl.LightningModule):
                 raise ValueError("sample() needs num_samples or noise")
             noise = self.process.prior_sample((num_samples, *self.image_shape), generator=generator,
                                               device=self.device)
-        denoise = self.sampling_denoiser(**cond)
-        if self.hparams.sampler == "ddpm":
-            return sample_ddpm(denoise, self.process, noise, variance=self.hparams.ddpm_variance,
-                               generator=generator, progress=progress)
-        return sample_ddim(denoise, self.process, noise, steps=self.hparams.sample_steps, eta=self.hparams.eta,
-                           generator=generator, progress=progress)
+        steps = self.hparams.sample_steps or self.process.num_steps
+        if self.hparams.sampler == "ddim":
+            return sample_ddim(self.sampling_denoiser(self.denoiser, **cond), self.process, noise, steps=steps,
+                               eta=self.hparams.eta, generator=generator, progress=progress)
+        process = self.process if steps == self.process.num_steps else self.process.respace(
+            strided_steps(self.process.num_steps, steps).tolist())
+        denoise = self.sampling_denoiser(self.denoiser.with_process(process), **cond)
+        return sample_ddpm(denoise, process, noise, variance=self.hparams.ddpm_variance, generator=generator,
+                           progress=progress)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         """Sample one image per seed in ``batch["seed"]``; returns uint8 images (B, C, H, W) on the CPU.

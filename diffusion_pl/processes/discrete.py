@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Literal
+
 import torch
 from torch import Tensor
 
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.schedules import ScheduleName, make_betas
 from diffusion_pl.utils import append_dims
+
+FixedVariance = Literal["beta", "posterior"]
 
 
 class DiscreteProcess(ForwardProcess):
@@ -23,16 +28,22 @@ class DiscreteProcess(ForwardProcess):
         beta_end: Last beta of the linear/quadratic schedule (at T = 1000).
         cosine_s: Offset s of the cosine schedule.
         betas: Explicit betas (overrides ``schedule``); used for respaced sub-sequences.
+        timestep_map: For a respaced process, the original step of each new step (``net_input_time``).
     """
 
     def __init__(self, num_steps: int = 1000, schedule: ScheduleName = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02, cosine_s: float = 0.008, betas: list[float] | None = None) -> None:
+                 beta_end: float = 0.02, cosine_s: float = 0.008, betas: list[float] | None = None,
+                 timestep_map: list[int] | None = None) -> None:
         super().__init__()
         betas64 = torch.tensor(betas, dtype=torch.float64) if betas is not None else make_betas(
             schedule, num_steps, beta_start, beta_end, cosine_s)
         if not bool(((betas64 > 0) & (betas64 < 1)).all()):
             raise ValueError("every beta must lie in (0, 1); check the schedule's beta_start/beta_end for this T")
         self.num_steps = len(betas64)
+        step_map = timestep_map if timestep_map is not None else list(range(self.num_steps + 1))
+        if len(step_map) != self.num_steps + 1:
+            raise ValueError(f"timestep_map needs T + 1 = {self.num_steps + 1} entries (step 0 included)")
+        self.register_buffer("timestep_map", torch.tensor(step_map, dtype=torch.float32), persistent=False)
         alpha_bar = torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas64, 0)])
         beta = torch.cat([torch.zeros(1, dtype=torch.float64), betas64])
         posterior_var = beta[1:] * (1 - alpha_bar[:-1]) / (1 - alpha_bar[1:])
@@ -40,9 +51,13 @@ class DiscreteProcess(ForwardProcess):
         posterior_var_clipped = torch.cat([posterior_var[1:2], posterior_var[1:]]) if self.num_steps > 1 else beta[1:]
         self._register("betas", beta)
         self._register("alphas_cumprod", alpha_bar)
+        self.alphas_cumprod_64 = alpha_bar
         self._register("posterior_variance", torch.cat([torch.zeros(1, dtype=torch.float64), posterior_var]))
         self._register("posterior_log_variance_clipped",
                        torch.cat([torch.zeros(1, dtype=torch.float64), posterior_var_clipped.log()]))
+        # log beta_t, with beta-tilde_2 at t = 1 (as improved-diffusion's "fixedlarge"; beta_1 is tiny).
+        self._register("log_betas_clipped", torch.cat([
+            torch.zeros(1, dtype=torch.float64), posterior_var_clipped[:1].log(), betas64[1:].log()]))
         self._register("posterior_coef_x0", torch.cat([
             torch.zeros(1, dtype=torch.float64), beta[1:] * alpha_bar[:-1].sqrt() / (1 - alpha_bar[1:])]))
         self._register("posterior_coef_xt", torch.cat([
@@ -75,8 +90,36 @@ class DiscreteProcess(ForwardProcess):
         return torch.randint(1, self.num_steps + 1, (n,), device=device, generator=generator)
 
     def net_input_time(self, t: Tensor) -> Tensor:
-        """The integer step itself, as float, is what the UNet embeds."""
-        return t.float()
+        """The (original, for a respaced process) integer step, as float, is what the UNet embeds."""
+        return self.timestep_map[t.long()]
+
+    def fixed_log_variance(self, t: Tensor, kind: FixedVariance = "beta") -> Tensor:
+        """Fixed reverse log-variance: log beta_t ("beta") or log beta-tilde_t ("posterior"), both using
+        beta-tilde_2 at t = 1 (Ho et al. 2020, Sec. 3.2; Nichol & Dhariwal 2021, Sec. 3.1)."""
+        table = self.log_betas_clipped if kind == "beta" else self.posterior_log_variance_clipped
+        return self._gather(table, t)
+
+    def interpolated_log_variance(self, frac: Tensor, t: Tensor) -> Tensor:
+        """Learned variance Sigma = exp(v log beta_t + (1 - v) log beta-tilde_t) (Nichol & Dhariwal 2021, eq. 15),
+        with ``frac`` = v in [0, 1] per element and the same clipping at t = 1 as :meth:`fixed_log_variance`."""
+        upper = append_dims(self._gather(self.log_betas_clipped, t), frac.ndim)
+        lower = append_dims(self._gather(self.posterior_log_variance_clipped, t), frac.ndim)
+        return frac * upper + (1 - frac) * lower
+
+    def respace(self, steps: Sequence[int]) -> DiscreteProcess:
+        """The process restricted to the increasing steps ``steps`` (a sub-sequence of 1..T ending anywhere).
+
+        The new betas are beta'_i = 1 - alpha-bar_{s_i} / alpha-bar_{s_{i-1}} (s_0 = 0), so alpha-bar is unchanged
+        on the kept steps, and ``net_input_time`` still gives the network the original step (Nichol & Dhariwal
+        2021, Sec. 4).
+        """
+        kept = [0, *[int(s) for s in steps]]
+        if any(b <= a for a, b in zip(kept, kept[1:])) or kept[-1] > self.num_steps:
+            raise ValueError(f"respacing steps must increase strictly within 1..{self.num_steps}, got {list(steps)}")
+        alpha_bar = self.alphas_cumprod_64
+        betas = [float(1 - alpha_bar[b] / alpha_bar[a]) for a, b in zip(kept, kept[1:])]
+        original = [int(self.timestep_map[s]) for s in kept]
+        return DiscreteProcess(betas=betas, timestep_map=original).to(self.betas.device)
 
     def posterior(self, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Mean and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, eqs. 6-7).

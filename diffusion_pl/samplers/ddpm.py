@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
 
 from diffusion_pl.parameterization import DenoiseFn
-from diffusion_pl.processes.discrete import DiscreteProcess
+from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
 from diffusion_pl.samplers.progress import maybe_progress
 from diffusion_pl.utils import append_dims
-
-FixedVariance = Literal["beta", "posterior"]
 
 
 @torch.no_grad()
@@ -38,7 +34,6 @@ def sample_ddpm(denoise: DenoiseFn, process: DiscreteProcess, x_T: Tensor, *, va
     """
     if variance not in ("beta", "posterior"):
         raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'posterior'")
-    fixed_log_var = (process.betas if variance == "beta" else process.posterior_log_variance_clipped.exp()).log()
     x = x_T
     steps = range(process.num_steps, 0, -1)
     for step in maybe_progress(steps, progress, total=process.num_steps, desc="DDPM"):
@@ -47,7 +42,8 @@ def sample_ddpm(denoise: DenoiseFn, process: DiscreteProcess, x_T: Tensor, *, va
         mean, _ = process.posterior(pred.x0, x, t)
         if step == 1:
             return mean
-        log_var = pred.log_var if pred.log_var is not None else append_dims(fixed_log_var[t], x.ndim)
+        log_var = pred.log_var if pred.log_var is not None else append_dims(
+            process.fixed_log_variance(t, variance), x.ndim)
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         x = mean + (0.5 * log_var).exp() * noise
     return x
