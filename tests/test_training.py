@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -126,3 +127,20 @@ def test_predict_writes_grid_and_npz_reproducibly(tmp_path: Path) -> None:
         assert Image.open(out / "grid.png").size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
         outputs.append(samples)
     np.testing.assert_array_equal(outputs[0], outputs[1])
+
+
+IMPROVED = str(Path(__file__).resolve().parent.parent / "configs" / "ddpm" / "fashion_mnist_improved.yaml")
+
+
+def test_improved_config_logs_val_bpd_and_test_reports_full_bound(tmp_path: Path) -> None:
+    cli = tiny_cli(tmp_path, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
+                   "--trainer.limit_test_batches=1", "--data.init_args.batch_size=16", config=IMPROVED)
+    set_callback(cli, SampleGrid, every_n_steps=0, num_samples=2)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    acc = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
+    acc.Reload()
+    assert "val/bpd" in acc.Tags()["scalars"]
+    val_bpd = acc.Scalars("val/bpd")[-1].value
+    (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last")
+    # A barely trained model's bound is very loose (hundreds of bits/dim), but it is a finite positive number.
+    assert math.isfinite(results["test/bpd"]) and results["test/bpd"] > 0 and math.isfinite(val_bpd) and val_bpd > 0
