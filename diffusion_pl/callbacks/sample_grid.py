@@ -41,6 +41,11 @@ class SampleGrid(pl.Callback):
         self.save_png = save_png
         self.nrow = nrow
         self.last_path: Path | None = None
+        self._png_dir: Path | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the PNG folder on every rank: ``trainer.log_dir`` broadcasts, so rank 0 alone must not call it."""
+        self._png_dir = Path(trainer.log_dir or trainer.default_root_dir) / "samples"
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -59,13 +64,14 @@ class SampleGrid(pl.Callback):
         was_training = module.training
         module.eval()
         generator = torch.Generator(device=module.device).manual_seed(self.seed)
-        images = to_uint8(module.sample(self.num_samples, generator=generator))
+        labels = module.default_labels(self.num_samples) if hasattr(module, "default_labels") else None
+        images = to_uint8(module.sample(self.num_samples, generator=generator, labels=labels))
         module.train(was_training)
         grid = uint8_grid(images, self.nrow)
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 logger.experiment.add_image("samples", grid, global_step=trainer.global_step)
         if self.save_png:
-            root = Path(trainer.log_dir or trainer.default_root_dir)
-            self.last_path = save_png(grid, root / "samples" / f"step_{trainer.global_step:07d}.png")
+            png_dir = self._png_dir or Path(trainer.default_root_dir) / "samples"
+            self.last_path = save_png(grid, png_dir / f"step_{trainer.global_step:07d}.png")
             log.info("sample grid written to %s", self.last_path)

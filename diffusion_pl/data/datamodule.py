@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -49,16 +50,18 @@ class ImageDataset(Dataset):
 
 
 class SeedDataset(Dataset):
-    """``num_samples`` items ``{"seed": start + index}``: the model's predict_step makes its noise from them."""
+    """``num_samples`` items ``{"seed": start + index, "label": labels[index % len(labels)]}``: the model's
+    predict_step makes its noise from the seed and, for conditional or guided models, targets the label."""
 
-    def __init__(self, num_samples: int, start: int = 0) -> None:
-        self.num_samples, self.start = num_samples, start
+    def __init__(self, num_samples: int, start: int = 0, labels: Sequence[int] = (0,)) -> None:
+        self.num_samples, self.start, self.labels = num_samples, start, list(labels)
 
     def __len__(self) -> int:
         return self.num_samples
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        return {"seed": torch.tensor(self.start + index, dtype=torch.int64)}
+        return {"seed": torch.tensor(self.start + index, dtype=torch.int64),
+                "label": torch.tensor(self.labels[index % len(self.labels)], dtype=torch.int64)}
 
 
 def _split_off(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
@@ -96,6 +99,7 @@ class ImageDataModule(L.LightningDataModule):
         predict_num_samples: Number of items ``{"seed": predict_seed + i}`` the predict loader yields.
         predict_seed: First noise seed for prediction.
         predict_batch_size: Batch size of the predict loader (default ``batch_size``).
+        predict_labels: Target labels of the predicted samples, cycled (default: every class in turn).
     """
 
     def __init__(
@@ -115,6 +119,7 @@ class ImageDataModule(L.LightningDataModule):
         predict_num_samples: int = 64,
         predict_seed: int = 0,
         predict_batch_size: int | None = None,
+        predict_labels: list[int] | None = None,
     ) -> None:
         super().__init__()
         check_source(source)
@@ -260,7 +265,10 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         """``predict_num_samples`` items ``{"seed": predict_seed + i}`` in order, for reproducible sampling."""
         hp = self.hparams
-        dataset = SeedDataset(hp.predict_num_samples, hp.predict_seed)
+        labels = hp.predict_labels if hp.predict_labels else range(self.num_classes)
+        if any(not 0 <= label < self.num_classes for label in labels):
+            raise ValueError(f"predict_labels must lie in 0..{self.num_classes - 1} ({self.class_names}), got {labels}")
+        dataset = SeedDataset(hp.predict_num_samples, hp.predict_seed, labels)
         return DataLoader(dataset, batch_size=hp.predict_batch_size or hp.batch_size, shuffle=False)
 
     # ------------------------------------------------------------------------------------------- augmentation

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -11,10 +12,13 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from diffusion_pl.guidance import batched_classifier_free, classifier_guidance
 from diffusion_pl.likelihood.vlb import nats_to_bits_per_dim, variational_bound
 from diffusion_pl.losses import DenoisingLoss, SimpleLoss
+from diffusion_pl.models.classifier import ClassifierModule
 from diffusion_pl.models.lr_schedule import Decay, warmup_multiplier
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised
+from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
 from diffusion_pl.samplers import sample_ddim, sample_ddpm, strided_steps
 from diffusion_pl.utils import to_uint8
@@ -48,6 +52,13 @@ class DiffusionModule(pl.LightningModule):
         eta: DDIM stochasticity in [0, 1].
         ddpm_variance: Fixed reverse variance "beta" or "posterior" (sampling and the bound, when not learned).
         clip_samples: Clamp the predicted x0 to [-1, 1] at every sampling step.
+        class_conditional: Train p(x | y): the net gets the labels (its ``num_classes`` must equal the data's),
+            replaced by the null label with probability ``label_dropout`` (Ho & Salimans 2022, Alg. 1).
+        label_dropout: Probability of dropping the label during training (classifier-free guidance).
+        guidance_scale: Classifier-free guidance weight w for sampling, eps = (1 + w) eps(x, y) - w eps(x).
+        classifier_checkpoint: A noisy-classifier checkpoint (``ClassifierModule`` trained on this process)
+            whose grad log p(y | x_t) guides sampling (Dhariwal & Nichol 2021); None disables it.
+        classifier_scale: Classifier guidance scale s.
         val_bpd_terms: Network evaluations per validation batch for the stratified estimate of the variational
             bound logged as ``val/bpd`` (0 disables it).
         test_bpd_terms: Terms of the bound logged as ``test/bpd``; None evaluates all T (the full bound).
@@ -70,6 +81,11 @@ class DiffusionModule(pl.LightningModule):
         eta: float = 0.0,
         ddpm_variance: FixedVariance = "beta",
         clip_samples: bool = True,
+        class_conditional: bool = False,
+        label_dropout: float = 0.1,
+        guidance_scale: float = 0.0,
+        classifier_checkpoint: str | None = None,
+        classifier_scale: float = 1.0,
         val_bpd_terms: int = 0,
         test_bpd_terms: int | None = None,
     ) -> None:
@@ -77,7 +93,11 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["net", "process", "loss"])
         if sampler not in ("ddpm", "ddim"):
             raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+        if class_conditional and not getattr(net, "num_classes", None):
+            raise ValueError("class_conditional needs a net with a class embedding: set "
+                             "model.init_args.net.init_args.num_classes to the number of classes of the data")
         self.denoiser = Denoiser(net, process, prediction, learned_variance)
+        self._classifier: list[pl.LightningModule] = []  # loaded lazily; a list keeps it out of state_dict
         self.loss_fn = loss if loss is not None else SimpleLoss()
         self.optimizer_factory = optimizer
 
@@ -89,9 +109,21 @@ class DiffusionModule(pl.LightningModule):
     def image_shape(self) -> tuple[int, int, int]:
         return (self.hparams.channels, self.hparams.image_size, self.hparams.image_size)
 
+    @property
+    def null_label(self) -> int:
+        """The label index meaning "no class" (the net's extra embedding row)."""
+        return int(self.denoiser.net.num_classes)
+
     def conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments the network receives besides (x_t, t); none for an unconditional model."""
-        return {}
+        """Keyword arguments the network receives besides (x_t, t): the labels of a class-conditional model,
+        each replaced by the null label with probability ``label_dropout`` while training."""
+        if not self.hparams.class_conditional:
+            return {}
+        labels = batch["label"]
+        if self.training and self.hparams.label_dropout > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < self.hparams.label_dropout
+            labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
+        return {"y": labels}
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss_fn(self.denoiser, batch["image"], **self.conditioning(batch)).mean()
@@ -136,15 +168,47 @@ class DiffusionModule(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def sampling_denoiser(self, denoiser: Denoiser, **cond: Any) -> DenoiseFn:
-        """``denoiser`` as the samplers call it: conditioning bound, optional x0 clipping."""
-        denoise = denoiser.bind(**cond)
-        return clip_denoised(denoise, denoiser.process) if self.hparams.clip_samples else denoise
+    def sampling_denoiser(self, denoiser: Denoiser, labels: Tensor | None = None) -> DenoiseFn:
+        """``denoiser`` as the samplers call it: labels bound (with classifier-free guidance when the model is
+        class-conditional and ``guidance_scale`` != 0), classifier guidance when a classifier is configured, then
+        optional x0 clipping. Without labels a class-conditional model samples unconditionally (null label)."""
+        hp = self.hparams
+        if hp.class_conditional and labels is not None and hp.guidance_scale != 0:
+            null = torch.full_like(labels, self.null_label)
+            denoise = batched_classifier_free(denoiser, hp.guidance_scale, {"y": labels}, {"y": null})
+        elif hp.class_conditional and labels is not None:
+            denoise = denoiser.bind(y=labels)
+        else:
+            denoise = denoiser.bind()
+        if hp.classifier_checkpoint and labels is not None:
+            denoise = classifier_guidance(denoise, self._classifier_log_prob(labels, denoiser.process),
+                                          denoiser.process, hp.classifier_scale)
+        return clip_denoised(denoise, denoiser.process) if hp.clip_samples else denoise
+
+    def guiding_classifier(self) -> ClassifierModule:
+        """The noisy classifier of ``classifier_checkpoint``, loaded once (frozen, eval mode)."""
+        if not self._classifier:
+            classifier = ClassifierModule.load_from_checkpoint(self.hparams.classifier_checkpoint,
+                                                               map_location=self.device, weights_only=False)
+            self._classifier.append(classifier.eval().requires_grad_(False))
+        return self._classifier[0]
+
+    def _classifier_log_prob(self, labels: Tensor, process: ForwardProcess) -> Callable[[Tensor, Tensor], Tensor]:
+        """log p(y | x_t) of the guiding classifier at the sampler's times."""
+        net = self.guiding_classifier().net
+
+        def log_prob(x_t: Tensor, t: Tensor) -> Tensor:
+            logits = net(x_t, process.net_input_time(t)).float()
+            return logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+
+        return log_prob
 
     @torch.no_grad()
     def sample(self, num_samples: int | None = None, *, noise: Tensor | None = None,
-               generator: torch.Generator | None = None, progress: bool = False, **cond: Any) -> Tensor:
-        """Generate images in [-1, 1] with the configured sampler, from ``noise`` or fresh prior noise."""
+               generator: torch.Generator | None = None, progress: bool = False,
+               labels: Tensor | None = None) -> Tensor:
+        """Generate images in [-1, 1] with the configured sampler, from ``noise`` or fresh prior noise; ``labels``
+        are the target classes of a class-conditional or classifier-guided model."""
         if noise is None:
             if num_samples is None:
                 raise ValueError("sample() needs num_samples or noise")
@@ -152,16 +216,24 @@ class DiffusionModule(pl.LightningModule):
                                               device=self.device)
         steps = self.hparams.sample_steps or self.process.num_steps
         if self.hparams.sampler == "ddim":
-            return sample_ddim(self.sampling_denoiser(self.denoiser, **cond), self.process, noise, steps=steps,
+            return sample_ddim(self.sampling_denoiser(self.denoiser, labels), self.process, noise, steps=steps,
                                eta=self.hparams.eta, generator=generator, progress=progress)
         process = self.process if steps == self.process.num_steps else self.process.respace(
             strided_steps(self.process.num_steps, steps).tolist())
-        denoise = self.sampling_denoiser(self.denoiser.with_process(process), **cond)
+        denoise = self.sampling_denoiser(self.denoiser.with_process(process), labels)
         return sample_ddpm(denoise, process, noise, variance=self.hparams.ddpm_variance, generator=generator,
                            progress=progress)
 
+    def default_labels(self, num_samples: int) -> Tensor | None:
+        """Labels that cycle through the classes for conditional or guided models (sample grids), else None."""
+        if not (self.hparams.class_conditional or self.hparams.classifier_checkpoint):
+            return None
+        num_classes = self.null_label if self.hparams.class_conditional else self.guiding_classifier().net.num_classes
+        return torch.arange(num_samples, device=self.device) % num_classes
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        """Sample one image per seed in ``batch["seed"]``; returns uint8 images (B, C, H, W) on the CPU.
+        """Sample one image per seed in ``batch["seed"]`` (targeting ``batch["label"]`` when the model is
+        conditional or guided); returns uint8 images (B, C, H, W) on the CPU.
 
         Each image's prior noise comes from its own seed on the CPU, so an image depends only on its seed,
         not on the batch size, the device count or the device type.
@@ -170,12 +242,14 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.stack([torch.randn(self.image_shape, generator=torch.Generator().manual_seed(s))
                              for s in seeds]).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
-        return to_uint8(self.sample(noise=noise, generator=generator)).cpu()
+        guided = self.hparams.class_conditional or self.hparams.classifier_checkpoint
+        labels = batch["label"] if guided and "label" in batch else None
+        return to_uint8(self.sample(noise=noise, generator=generator, labels=labels)).cpu()
 
     def on_fit_start(self) -> None:
         """Log the effective batch size and learning rate so runs compare (DDP multiplies the batch)."""
         datamodule = getattr(self.trainer, "datamodule", None)
-        per_device = getattr(datamodule, "batch_size", None)
+        per_device = getattr(datamodule, "hparams", {}).get("batch_size")
         if per_device is None or self.logger is None:
             return
         effective = per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
