@@ -5,3 +5,7 @@ from diffusion_pl.processes.discrete import DiscreteProcess
 from diffusion_pl.processes.schedules import SCHEDULES, make_betas
 
 __all__ = ["ForwardProcess", "DiscreteProcess", "SCHEDULES", "make_betas"]
+
+from diffusion_pl.processes.sde import SDEProcess, SubVPSDE, VESDE, VPSDE
+
+__all__ += ["SDEProcess", "SubVPSDE", "VESDE", "VPSDE"]
