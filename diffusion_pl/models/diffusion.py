@@ -20,11 +20,36 @@ from diffusion_pl.models.lr_schedule import Decay, warmup_multiplier
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
-from diffusion_pl.samplers import sample_ddim, sample_ddpm, strided_steps
+from diffusion_pl.likelihood.ode import bits_per_dim, dequantize, ode_log_likelihood
+from diffusion_pl.processes.sde import SDEProcess
+from diffusion_pl.samplers import (
+    sample_ddim,
+    sample_ddpm,
+    sample_euler_maruyama,
+    sample_ode,
+    sample_pc,
+    strided_steps,
+)
 from diffusion_pl.utils import to_uint8
 
-SamplerName = Literal["ddpm", "ddim"]
+SamplerName = Literal["ddpm", "ddim", "euler_maruyama", "pc", "ode"]
+DISCRETE_SAMPLERS = ("ddpm", "ddim")
+SDE_SAMPLERS = ("euler_maruyama", "pc", "ode")
 log = logging.getLogger(__name__)
+
+
+def check_sampler(sampler: str, process: ForwardProcess) -> None:
+    """Fail early when the sampler cannot run on the process (ancestral/DDIM need discrete steps, the SDE
+    samplers an SDE)."""
+    if sampler not in DISCRETE_SAMPLERS + SDE_SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(DISCRETE_SAMPLERS + SDE_SAMPLERS)}")
+    discrete = isinstance(process, DiscreteProcess)
+    if discrete and sampler in SDE_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} integrates an SDE but the process is discrete (DDPM): use 'ddpm' or "
+                         "'ddim', or a VPSDE/SubVPSDE/VESDE process")
+    if not discrete and sampler in DISCRETE_SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} needs a discrete (DDPM) process; for {type(process).__name__} use "
+                         "'euler_maruyama', 'pc' or 'ode'")
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -47,8 +72,12 @@ class DiffusionModule(pl.LightningModule):
         channels: Image channels (linked from the data config).
         learned_variance: The net outputs the reverse-variance interpolation too (improved DDPM; the net
             needs ``learn_sigma: true``).
-        sampler: Sampler used by ``sample``/``predict``: "ddpm" (ancestral) or "ddim".
-        sample_steps: Sampling steps: DDIM's strided grid, or the respaced DDPM chain (None: all T steps).
+        sampler: Sampler used by ``sample``/``predict``: "ddpm" (ancestral) or "ddim" for a discrete process;
+            "euler_maruyama", "pc" (predictor-corrector) or "ode" (probability flow) for an SDE process.
+        sample_steps: Sampling steps: DDIM's strided grid, the respaced DDPM chain (None: all T steps), or the
+            SDE/ODE grid (None: the sampler's default).
+        sampler_options: Extra keyword arguments of the sampler function, e.g. ``{snr: 0.16, corrector_steps: 1}``
+            for "pc" or ``{method: rk45, rtol: 1e-5, atol: 1e-5}`` for "ode".
         eta: DDIM stochasticity in [0, 1].
         ddpm_variance: Fixed reverse variance "beta" or "posterior" (sampling and the bound, when not learned).
         clip_samples: Clamp the predicted x0 to [-1, 1] at every sampling step.
@@ -62,12 +91,17 @@ class DiffusionModule(pl.LightningModule):
         val_bpd_terms: Network evaluations per validation batch for the stratified estimate of the variational
             bound logged as ``val/bpd`` (0 disables it).
         test_bpd_terms: Terms of the bound logged as ``test/bpd``; None evaluates all T (the full bound).
+            Discrete processes only.
+        test_bpd_ode: Also log ``test/bpd_ode``, the probability-flow ODE likelihood of uniformly dequantized
+            test images (Song et al. 2021, App. D.2; Hutchinson trace estimator, adaptive RK45).
+        likelihood_options: Extra keyword arguments of ``ode_log_likelihood`` (method, rtol, atol, hutchinson,
+            num_probes, steps).
     """
 
     def __init__(
         self,
         net: nn.Module,
-        process: DiscreteProcess,
+        process: DiscreteProcess | SDEProcess,
         prediction: PredictionKind = "eps",
         loss: DenoisingLoss | None = None,
         optimizer: OptimizerCallable = default_optimizer,
@@ -78,6 +112,7 @@ class DiffusionModule(pl.LightningModule):
         learned_variance: bool = False,
         sampler: SamplerName = "ddpm",
         sample_steps: int | None = None,
+        sampler_options: dict[str, Any] | None = None,
         eta: float = 0.0,
         ddpm_variance: FixedVariance = "beta",
         clip_samples: bool = True,
@@ -88,11 +123,15 @@ class DiffusionModule(pl.LightningModule):
         classifier_scale: float = 1.0,
         val_bpd_terms: int = 0,
         test_bpd_terms: int | None = None,
+        test_bpd_ode: bool = False,
+        likelihood_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "process", "loss"])
-        if sampler not in ("ddpm", "ddim"):
-            raise ValueError(f"unknown sampler {sampler!r}; choose 'ddpm' or 'ddim'")
+        check_sampler(sampler, process)
+        if val_bpd_terms and not isinstance(process, DiscreteProcess):
+            raise ValueError("val_bpd_terms estimates the discrete variational bound; for an SDE process set it to 0 "
+                             "and use test_bpd_ode (probability-flow likelihood)")
         if class_conditional and not getattr(net, "num_classes", None):
             raise ValueError("class_conditional needs a net with a class embedding: set "
                              "model.init_args.net.init_args.num_classes to the number of classes of the data")
@@ -102,7 +141,7 @@ class DiffusionModule(pl.LightningModule):
         self.optimizer_factory = optimizer
 
     @property
-    def process(self) -> DiscreteProcess:
+    def process(self) -> ForwardProcess:
         return self.denoiser.process
 
     @property
@@ -135,7 +174,21 @@ class DiffusionModule(pl.LightningModule):
         self._evaluate(batch, batch_idx, "val", self.hparams.val_bpd_terms)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, batch_idx, "test", self.hparams.test_bpd_terms)
+        discrete = isinstance(self.process, DiscreteProcess)
+        self._evaluate(batch, batch_idx, "test", self.hparams.test_bpd_terms if discrete else 0)
+        if self.hparams.test_bpd_ode:
+            self.log("test/bpd_ode", self._ode_bits_per_dim(batch, batch_idx), sync_dist=True,
+                     batch_size=batch["image"].shape[0])
+
+    def _ode_bits_per_dim(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        """Mean bits/dim of the batch under the probability-flow ODE (needs autograd, even inside ``test``)."""
+        generator = torch.Generator(device=self.device).manual_seed(batch_idx + 1000 * self.global_rank)
+        with torch.inference_mode(False), torch.enable_grad():
+            images = dequantize(batch["image"].clone(), generator)
+            cond = {key: value.clone() for key, value in self.conditioning(batch).items()}
+            log_p = ode_log_likelihood(self.denoiser.bind(**cond), self.process, images, generator=generator,
+                                       **(self.hparams.likelihood_options or {}))
+        return bits_per_dim(-log_p.detach(), images[0].numel()).mean()
 
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str, bpd_terms: int | None) -> None:
         """Log ``<stage>/loss`` and, unless ``bpd_terms`` is 0, ``<stage>/bpd`` (the variational bound, estimated
@@ -214,15 +267,20 @@ class DiffusionModule(pl.LightningModule):
                 raise ValueError("sample() needs num_samples or noise")
             noise = self.process.prior_sample((num_samples, *self.image_shape), generator=generator,
                                               device=self.device)
-        steps = self.hparams.sample_steps or self.process.num_steps
-        if self.hparams.sampler == "ddim":
+        hp = self.hparams
+        options = {"generator": generator, "progress": progress, **(hp.sampler_options or {})}
+        if hp.sampler in SDE_SAMPLERS:
+            sampler = {"euler_maruyama": sample_euler_maruyama, "pc": sample_pc, "ode": sample_ode}[hp.sampler]
+            steps = {} if hp.sample_steps is None else {"steps": hp.sample_steps}
+            return sampler(self.sampling_denoiser(self.denoiser, labels), self.process, noise, **steps, **options)
+        steps = hp.sample_steps or self.process.num_steps
+        if hp.sampler == "ddim":
             return sample_ddim(self.sampling_denoiser(self.denoiser, labels), self.process, noise, steps=steps,
-                               eta=self.hparams.eta, generator=generator, progress=progress)
+                               eta=hp.eta, **options)
         process = self.process if steps == self.process.num_steps else self.process.respace(
             strided_steps(self.process.num_steps, steps).tolist())
         denoise = self.sampling_denoiser(self.denoiser.with_process(process), labels)
-        return sample_ddpm(denoise, process, noise, variance=self.hparams.ddpm_variance, generator=generator,
-                           progress=progress)
+        return sample_ddpm(denoise, process, noise, variance=hp.ddpm_variance, **options)
 
     def default_labels(self, num_samples: int) -> Tensor | None:
         """Labels that cycle through the classes for conditional or guided models (sample grids), else None."""
@@ -239,8 +297,8 @@ class DiffusionModule(pl.LightningModule):
         not on the batch size, the device count or the device type.
         """
         seeds = batch["seed"].tolist()
-        noise = torch.stack([torch.randn(self.image_shape, generator=torch.Generator().manual_seed(s))
-                             for s in seeds]).to(self.device)
+        noise = torch.cat([self.process.prior_sample((1, *self.image_shape), generator=torch.Generator().manual_seed(s))
+                           for s in seeds]).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
         guided = self.hparams.class_conditional or self.hparams.classifier_checkpoint
         labels = batch["label"] if guided and "label" in batch else None
