@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Iterator
+
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
+from torch import nn
+
+
+@contextlib.contextmanager
+def _partials_detached(module: nn.Module) -> Iterator[None]:
+    """Temporarily set the module's ``functools.partial`` attributes to None, so a deep copy leaves them out.
+
+    LightningCLI injects optimizer/scheduler factories (``OptimizerCallable``) as partials that reference the
+    whole CLI: trainer, datamodule with its images, loggers and, under DDP, the launcher's process handles,
+    whose locks cannot be copied (rank 0 crashed in ``AveragedModel``'s deepcopy). The averaged copy never
+    configures optimizers, so it does not need them.
+    """
+    detached = {name: value for name, value in vars(module).items() if isinstance(value, functools.partial)}
+    for name in detached:
+        setattr(module, name, None)
+    try:
+        yield
+    finally:
+        for name, value in detached.items():
+            setattr(module, name, value)
 
 
 class EMA(EMAWeightAveraging):
@@ -33,7 +57,8 @@ class EMA(EMAWeightAveraging):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._device is None:
             self._device = trainer.strategy.root_device
-        super().setup(trainer, pl_module, stage)
+        with _partials_detached(pl_module):
+            super().setup(trainer, pl_module, stage)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Keep the raw weights live when training ends.

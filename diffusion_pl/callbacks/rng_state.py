@@ -12,6 +12,25 @@ import torch
 import torch.distributed as dist
 
 
+# Odd 64-bit constant (the splitmix64 multiplier) that mixes the rank into a seed.
+_MIX_RANK = 0xBF58476D1CE4E5B9
+
+
+def seed_rank_streams(rank: int) -> None:
+    """Reseed the global torch (CPU and CUDA), numpy and python RNGs of rank ``rank`` > 0 from its torch seed.
+
+    ``seed_everything`` gives every DDP rank the same seed, so without this every rank would draw the same
+    diffusion timesteps, noise and dropout masks (only the images differ), wasting the larger batch. Rank 0
+    keeps its streams, so it draws what a single-process run draws.
+    """
+    if rank == 0:
+        return
+    seed = (torch.initial_seed() + rank * _MIX_RANK) % (1 << 32)
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -49,12 +68,18 @@ class ResumeRNGState(pl.Callback):
     The states are restored at the first ``on_train_batch_start`` after loading, not at load time,
     because Lightning draws from the global RNG in between (e.g. the DataLoader's base seed). Together
     with the resumable data order this makes noise draws, timesteps and dropout after ``--ckpt_path``
-    identical to an uninterrupted run. Under DDP the states of all ranks are gathered (checkpoint
-    saving runs on every rank), so ranks keep independent noise after resume.
+    identical to an uninterrupted run. Under DDP every rank is reseeded at ``setup`` so that ranks draw
+    independent noise, and the states of all ranks are gathered (checkpoint saving runs on every rank),
+    so they keep drawing independent noise after resume.
     """
 
     def __init__(self) -> None:
         self._pending: dict[str, Any] | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Give every DDP rank its own random streams for training (see :func:`seed_rank_streams`)."""
+        if stage == "fit" and trainer.world_size > 1:
+            seed_rank_streams(trainer.global_rank)
 
     def state_dict(self) -> dict[str, Any]:
         states = collect_rng_states()
