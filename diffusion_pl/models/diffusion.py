@@ -308,7 +308,7 @@ class DiffusionModule(pl.LightningModule):
         """Log the effective batch size and learning rate so runs compare (DDP multiplies the batch)."""
         datamodule = getattr(self.trainer, "datamodule", None)
         per_device = getattr(datamodule, "hparams", {}).get("batch_size")
-        if per_device is None or self.logger is None:
+        if per_device is None or self.logger is None or not self.trainer.is_global_zero:
             return
         effective = per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
         group = self.trainer.optimizers[0].param_groups[0]

@@ -1,0 +1,128 @@
+"""The encoder classifier, ClassifierModule (clean and noisy x_t), its config and checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from diffusion_pl.cli import build_cli
+from diffusion_pl.data import ImageDataModule
+from diffusion_pl.models.classifier import ClassifierModule, load_classifier_net
+from diffusion_pl.nets.classifier import EncoderClassifier
+from diffusion_pl.processes import DiscreteProcess
+from helpers import REPO, tiny_args
+
+CLASSIFIER_CONFIG = str(REPO / "configs" / "classifier" / "fashion_mnist.yaml")
+
+
+def digits_data(batch_size: int = 64) -> ImageDataModule:
+    return ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", batch_size=batch_size,
+                           val_fraction=0.1)
+
+
+def digits_classifier(process: DiscreteProcess | None = None, time_conditional: bool = False) -> ClassifierModule:
+    net = EncoderClassifier(image_size=8, in_channels=1, num_classes=10, base_channels=16, channel_mult=(1, 2),
+                            num_res_blocks=1, attention_resolutions=(4,), time_conditional=time_conditional)
+    return ClassifierModule(net, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), process=process,
+                            image_size=8, channels=1, lr_decay="cosine")
+
+
+def quiet_trainer(root: Path, **kwargs: object) -> pl.Trainer:
+    return pl.Trainer(default_root_dir=root, accelerator="cpu", devices=1, enable_progress_bar=False,
+                      enable_model_summary=False, enable_checkpointing=False, logger=False, **kwargs)
+
+
+def train_digits_classifier(root: Path, max_steps: int = 150) -> tuple[Path, pl.Trainer, ClassifierModule]:
+    """Fit a small clean classifier on the 8x8 digits and save its checkpoint as ``root/classifier.ckpt``."""
+    pl.seed_everything(0)
+    module, data = digits_classifier(), digits_data()
+    trainer = quiet_trainer(root, max_steps=max_steps, limit_val_batches=0)
+    trainer.fit(module, datamodule=data)
+    path = root / "classifier.ckpt"
+    trainer.save_checkpoint(path)
+    return path, trainer, module
+
+
+def test_net_shapes_features_and_time() -> None:
+    net = EncoderClassifier(image_size=16, in_channels=3, num_classes=5, base_channels=8, channel_mult=(1, 2, 4),
+                            num_res_blocks=1, attention_resolutions=(8,))
+    x = torch.randn(4, 3, 16, 16)
+    assert net(x).shape == (4, 5) and net.features(x).shape == (4, 32) == (4, net.num_features)
+    with pytest.raises(ValueError, match="time_conditional=True"):
+        net(x, torch.zeros(4))
+    with pytest.raises(ValueError, match="image_size"):
+        net(torch.randn(4, 3, 8, 8))
+    timed = EncoderClassifier(image_size=16, in_channels=3, num_classes=5, base_channels=8, channel_mult=(1, 2),
+                              num_res_blocks=1, attention_resolutions=(), time_conditional=True).eval()
+    for p in timed.parameters():  # residual branches start at zero; give them weights so t matters
+        torch.nn.init.normal_(p, std=0.2)
+    torch.testing.assert_close(timed(x), timed(x, torch.zeros(4)))  # t=None means clean, t = 0
+    assert not torch.allclose(timed(x, torch.full((4,), 500.0)), timed(x))
+
+
+def test_module_logs_accuracy_per_noise_level(tmp_path: Path) -> None:
+    """Noisy training: t ~ process.sample_t; accuracy per noise bucket at validation and test."""
+    pl.seed_everything(0)
+    module = digits_classifier(DiscreteProcess(100, "cosine"), time_conditional=True)
+    trainer = quiet_trainer(tmp_path, max_steps=3, val_check_interval=3, limit_val_batches=2, limit_test_batches=2,
+                            log_every_n_steps=1)
+    trainer.fit(module, datamodule=digits_data())
+    metrics = trainer.callback_metrics
+    assert {"train/loss", "train/acc", "val/loss", "val/acc"} <= set(metrics)
+    buckets = [k for k in metrics if k.startswith("val/acc_noise_")]
+    assert buckets and all(0.0 <= float(metrics[k]) <= 1.0 for k in buckets)
+    results = trainer.test(module, datamodule=digits_data(), verbose=False)[0]
+    assert "test/acc" in results and any(k.startswith("test/acc_noise_") for k in results)
+
+
+def test_evaluation_noise_leaves_global_rng_alone(tmp_path: Path) -> None:
+    module = digits_classifier(DiscreteProcess(100, "cosine"), time_conditional=True)
+    data = digits_data()
+    trainer = quiet_trainer(tmp_path, limit_val_batches=2)
+    state = torch.get_rng_state()
+    first = trainer.validate(module, datamodule=data, verbose=False)[0]
+    second = trainer.validate(module, datamodule=data, verbose=False)[0]
+    assert first == second
+    assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.slow
+def test_short_training_on_digits_reaches_high_accuracy(tmp_path: Path) -> None:
+    path, trainer, module = train_digits_classifier(tmp_path, max_steps=150)
+    accuracy = trainer.test(module, datamodule=digits_data(), verbose=False)[0]["test/acc"]
+    assert accuracy >= 0.9
+    net = load_classifier_net(path)
+    images = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(net(images), module.net.eval()(images))
+
+
+def test_load_classifier_net_says_how_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="configs/classifier/fashion_mnist.yaml"):
+        load_classifier_net(tmp_path / "missing.ckpt")
+    torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
+    with pytest.raises(ValueError, match="not a ClassifierModule checkpoint"):
+        load_classifier_net(tmp_path / "other.ckpt")
+
+
+def test_config_fast_dev_run_logs_accuracy(tmp_path: Path) -> None:
+    """The Fashion-MNIST classifier config, shrunk by the shared tiny overrides."""
+    cli = build_cli(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run=true", config=CLASSIFIER_CONFIG)])
+    assert isinstance(cli.model, ClassifierModule)
+    assert {"train/acc", "val/acc", "val/loss"} <= set(cli.trainer.callback_metrics)
+    path = tmp_path / "cli.ckpt"  # fast_dev_run writes no checkpoint: save one by hand
+    cli.trainer.save_checkpoint(path)
+    images = torch.randn(2, 1, 8, 8)
+    expected = cli.model.net.eval()(images)
+    torch.testing.assert_close(load_classifier_net(path)(images), expected)
+    restored = ClassifierModule.load_from_checkpoint(path, map_location="cpu")  # LightningCLI rebuilds the net
+    torch.testing.assert_close(restored.net.eval()(images), expected)
+
+
+def test_config_trains_a_clean_classifier(tmp_path: Path) -> None:
+    args = ["--config", CLASSIFIER_CONFIG, f"--trainer.default_root_dir={tmp_path}"]
+    cli = build_cli(args, run=False)
+    assert cli.model.process is None and not cli.model.net.time_conditional
+    assert (cli.model.net.image_size, cli.model.net.in_channels) == (32, 1) and cli.model.net.num_classes == 10
