@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -34,9 +35,12 @@ def test_config_prints(config: str, capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_fast_dev_run(config: str, tmp_path: Path) -> None:
-    run_cli(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run=true", "--trainer.precision=32-true",
-                               "--trainer.devices=1", "--data.init_args.num_workers=0",
-                               config=str(REPO / config))])
+    cli = build_cli(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run=true", "--trainer.precision=32-true",
+                                       "--trainer.devices=1", "--data.init_args.num_workers=0",
+                                       config=str(REPO / config))])
+    assert cli.trainer.global_step == 1
+    loss = cli.trainer.callback_metrics["train/loss"]
+    assert math.isfinite(float(loss)) and float(loss) > 0
 
 
 def test_data_arguments_are_linked_into_model_and_net(tmp_path: Path) -> None:
