@@ -213,7 +213,8 @@ def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
         raise FileNotFoundError(
             f"classifier checkpoint {path} not found: train the classifier first, e.g. "
             "`diffusion-pl fit --config configs/classifier/fashion_mnist.yaml` (writes "
-            "runs/classifier_fashion_mnist/checkpoints/last.ckpt), or point checkpoint_path at an existing one")
+            "runs/classifier_fashion_mnist/lightning_logs/version_N/checkpoints/last.ckpt), or point checkpoint_path "
+            "at an existing one")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     net_spec = checkpoint.get("hyper_parameters", {}).get("net")
     if not isinstance(net_spec, dict) or net_spec.get("class_path") != _NET_CLASS_PATH:
