@@ -27,6 +27,14 @@ DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
 class DiffusionCLI(LightningCLI):
     """LightningCLI with OmegaConf interpolation, data->model argument links and the exact-resume callback."""
 
+    def _parse_ckpt_path(self) -> None:
+        """Keep the command line's configuration when ``--ckpt_path`` is given.
+
+        LightningCLI would re-parse the config with the hyperparameters stored in the checkpoint, silently
+        overriding e.g. ``--model.init_args.sampler`` or ``sample_steps`` at ``test``/``predict``. The config
+        files and overrides on the command line describe the run; the Trainer still restores the weights.
+        """
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in DATA_TO_MODEL_LINKS:
             parser.link_arguments(source, target)

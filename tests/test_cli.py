@@ -89,3 +89,13 @@ def test_module_entry_point_matches_console_script() -> None:
     for command in ([sys.executable, "-m", "diffusion_pl", "--help"], ["diffusion-pl", "--help"]):
         result = subprocess.run(command, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0 and "fit" in result.stdout and "predict" in result.stdout
+
+
+def test_command_line_overrides_win_over_checkpoint_hyperparameters(tmp_path: Path) -> None:
+    """`predict --ckpt_path X --model.init_args.sample_steps=7` must sample with 7 steps, not the trained value."""
+    build_cli(["fit", *tiny_args(tmp_path / "train", "--trainer.max_steps=1", "--trainer.limit_val_batches=0")])
+    ckpt = str(next((tmp_path / "train").rglob("last.ckpt")))
+    cli = build_cli(["predict", *tiny_args(tmp_path / "predict", "--model.init_args.sampler=ddpm",
+                                           "--model.init_args.sample_steps=7",
+                                           "--data.init_args.predict_num_samples=2"), f"--ckpt_path={ckpt}"])
+    assert cli.model.hparams.sampler == "ddpm" and cli.model.hparams.sample_steps == 7
