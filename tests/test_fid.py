@@ -353,9 +353,9 @@ def run_test_subcommand(args: list[str]) -> None:
 @pytest.mark.slow
 def test_test_subcommand_writes_json_and_ddp_matches_one_process(tmp_path: Path, digits_classifier_ckpt: Path) -> None:
     """``diffusion-pl test --ckpt_path``: same FID/KID with 2 gloo processes as with 1, JSON next to the checkpoint."""
-    # The checkpoint's hyperparameters (DDIM, 5 steps) are what `test --ckpt_path` samples with.
+    # The command line (config files and overrides), not the checkpoint's hyperparameters, sets the test sampler.
     build_cli(["fit", *tiny_args(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                                 "--model.init_args.sampler=ddim", "--model.init_args.sample_steps=5")])
+                                 "--model.init_args.sampler=ddpm")])
     ckpt = next((tmp_path / "train").rglob("last.ckpt"))
     overlay = overlay_for(digits_classifier_ckpt, tmp_path / "cache", tmp_path)
     report = ckpt.with_suffix(".metrics.json")
@@ -363,7 +363,7 @@ def test_test_subcommand_writes_json_and_ddp_matches_one_process(tmp_path: Path,
     for name, extra in (("single", ["--trainer.devices=1"]),
                         ("ddp", ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"])):
         args = tiny_args(tmp_path / name, "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8", *extra,
-                         "--ckpt_path", str(ckpt))
+                         "--model.init_args.sampler=ddim", "--model.init_args.sample_steps=5", "--ckpt_path", str(ckpt))
         run_test_subcommand([*args[:2], "--config", str(overlay), *args[2:]])
         results[name] = json.loads(report.read_text())
         report.unlink()
