@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
 from diffusion_pl.cli import build_cli
 from diffusion_pl.data import ImageDataModule
+from diffusion_pl.data.sources import load_split
 from diffusion_pl.models.classifier import ClassifierModule, load_classifier_net
 from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.processes import DiscreteProcess
@@ -97,6 +101,27 @@ def test_short_training_on_digits_reaches_high_accuracy(tmp_path: Path) -> None:
     net = load_classifier_net(path)
     images = torch.randn(3, 1, 8, 8)
     torch.testing.assert_close(net(images), module.net.eval()(images))
+    check_sample_accuracy_tool(path, tmp_path)
+
+
+def check_sample_accuracy_tool(classifier: Path, root: Path) -> None:
+    """tools/sample_accuracy.py scores real test digits: high against their labels, low against shifted ones."""
+    test = load_split("digits", "test", image_size=8, channels=1, resize_mode="resize")
+    samples = test.images.permute(0, 2, 3, 1).numpy()
+    np.savez(root / "true.npz", samples=samples, labels=test.labels.numpy())
+    np.savez(root / "shifted.npz", samples=samples, labels=(test.labels.numpy() + 1) % 10)
+    np.savez(root / "unlabelled.npz", samples=samples[:10])
+    tool = [sys.executable, str(REPO / "tools" / "sample_accuracy.py"), "--classifier", str(classifier)]
+    result = subprocess.run([*tool, str(root / "true.npz"), str(root / "shifted.npz")], capture_output=True,
+                            text=True, check=True)
+    rows = [line.split("|") for line in result.stdout.splitlines()[2:]]
+    true_accuracy, shifted_accuracy = float(rows[0][3]), float(rows[1][3])
+    assert true_accuracy >= 0.9 and shifted_accuracy <= 0.05
+    scored = subprocess.run([*tool, "--labels", ",".join(map(str, test.labels[:10].tolist())), str(root / "unlabelled.npz")],
+                            capture_output=True, text=True, check=True)
+    assert float(scored.stdout.splitlines()[2].split("|")[3]) >= 0.7
+    failed = subprocess.run([*tool, str(root / "unlabelled.npz")], capture_output=True, text=True)
+    assert failed.returncode != 0 and "pass --labels" in failed.stderr
 
 
 def test_load_classifier_net_says_how_to_fix(tmp_path: Path) -> None:

@@ -142,3 +142,22 @@ def test_guidance_gradient_finite_under_bf16_autocast(process: DiscreteProcess) 
                                      log_prob, process, 2.0)(x_t, t)
     assert grad.shape == x_t.shape and grad.dtype == x_t.dtype and bool(torch.isfinite(grad).all())
     assert grad.abs().sum().item() > 0 and bool(torch.isfinite(guided.eps).all())
+
+
+def test_guidance_gradient_inside_inference_mode_equals_plain_autograd() -> None:
+    """Lightning's ``predict`` samples under ``torch.inference_mode``; the gradient must still be the right one."""
+    weight = torch.randn(10, 64, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 4])
+
+    def log_prob(x: Tensor, _: Tensor) -> Tensor:
+        return (x.flatten(1) @ weight.T).log_softmax(-1)[torch.arange(2), labels]
+
+    x_t, t = torch.randn(2, 1, 8, 8), torch.full((2,), 10)
+    expected = log_prob_gradient(log_prob, x_t, t)
+    with torch.inference_mode():
+        inside = log_prob_gradient(log_prob, x_t.clone(), t.clone())
+    # closed form: d/dx log softmax(Wx)_y = W_y - softmax(Wx) W
+    logits = x_t.flatten(1) @ weight.T
+    closed = (weight[labels] - logits.softmax(-1) @ weight).view_as(x_t)
+    torch.testing.assert_close(expected, closed)
+    torch.testing.assert_close(inside, closed)

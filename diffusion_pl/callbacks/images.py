@@ -30,11 +30,15 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     return path
 
 
-def save_npz(images: Tensor, path: str | Path) -> Path:
-    """Write uint8 images as ``samples`` (N, H, W, C) in an .npz, the layout FID tools expect, atomically."""
+def save_npz(images: Tensor, path: str | Path, labels: Tensor | None = None) -> Path:
+    """Write uint8 images as ``samples`` (N, H, W, C) in an .npz, the layout FID tools expect, atomically; the
+    target class of each image as ``labels`` (N,) when given."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, samples=images.permute(0, 2, 3, 1).cpu().numpy())
+    arrays = {"samples": images.permute(0, 2, 3, 1).cpu().numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.cpu().numpy()
+    np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path

@@ -15,10 +15,11 @@ LogProbFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def log_prob_gradient(log_prob: LogProbFn, x_t: Tensor, t: Tensor) -> Tensor:
-    """grad_x sum_i log p(y_i | x_t,i), computed in float32 even inside a no_grad sampler or under autocast."""
-    with torch.enable_grad():
-        x = x_t.detach().float().requires_grad_(True)
-        total = log_prob(x, t).float().sum()
+    """grad_x sum_i log p(y_i | x_t,i), computed in float32 even inside a no_grad or inference-mode sampler (as
+    Lightning's ``predict`` runs) or under autocast."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = x_t.detach().float().clone().requires_grad_(True)  # a clone made here is a normal tensor
+        total = log_prob(x, t.clone()).float().sum()
         (grad,) = torch.autograd.grad(total, x)
     return grad.to(x_t.dtype)
 

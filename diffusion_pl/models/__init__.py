@@ -1,5 +1,6 @@
 """Thin LightningModules that wire nets, processes, losses and samplers together."""
 
+from diffusion_pl.models.classifier import ClassifierModule
 from diffusion_pl.models.diffusion import DiffusionModule
 
-__all__ = ["DiffusionModule"]
+__all__ = ["ClassifierModule", "DiffusionModule"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -241,8 +242,15 @@ class DiffusionModule(pl.LightningModule):
     def guiding_classifier(self) -> ClassifierModule:
         """The noisy classifier of ``classifier_checkpoint``, loaded once (frozen, eval mode)."""
         if not self._classifier:
-            classifier = ClassifierModule.load_from_checkpoint(self.hparams.classifier_checkpoint,
-                                                               map_location=self.device, weights_only=False)
+            if not Path(self.hparams.classifier_checkpoint).is_file():
+                raise FileNotFoundError(
+                    f"classifier_checkpoint {self.hparams.classifier_checkpoint} not found: train a noisy classifier "
+                    "on this model's process first, e.g. `diffusion-pl fit --config "
+                    "configs/guidance/classifier_fashion_mnist.yaml` for the Fashion-MNIST demo, and point "
+                    "model.init_args.classifier_checkpoint at its last.ckpt")
+            with torch.inference_mode(False):  # predict runs in inference mode; guidance backpropagates
+                classifier = ClassifierModule.load_from_checkpoint(self.hparams.classifier_checkpoint,
+                                                                   map_location=self.device, weights_only=False)
             self._classifier.append(classifier.eval().requires_grad_(False))
         return self._classifier[0]
 
@@ -252,7 +260,8 @@ class DiffusionModule(pl.LightningModule):
 
         def log_prob(x_t: Tensor, t: Tensor) -> Tensor:
             logits = net(x_t, process.net_input_time(t)).float()
-            return logits.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+            # The sampler's labels may be inference tensors (predict); gather saves its index for backward.
+            return logits.log_softmax(-1).gather(1, labels[:, None].clone()).squeeze(1)
 
         return log_prob
 
@@ -282,9 +291,14 @@ class DiffusionModule(pl.LightningModule):
         denoise = self.sampling_denoiser(self.denoiser.with_process(process), labels)
         return sample_ddpm(denoise, process, noise, variance=hp.ddpm_variance, **options)
 
+    @property
+    def guided(self) -> bool:
+        """Whether sampling targets labels: a class-conditional model or classifier guidance."""
+        return bool(self.hparams.class_conditional or self.hparams.classifier_checkpoint)
+
     def default_labels(self, num_samples: int) -> Tensor | None:
         """Labels that cycle through the classes for conditional or guided models (sample grids), else None."""
-        if not (self.hparams.class_conditional or self.hparams.classifier_checkpoint):
+        if not self.guided:
             return None
         num_classes = self.null_label if self.hparams.class_conditional else self.guiding_classifier().net.num_classes
         return torch.arange(num_samples, device=self.device) % num_classes
@@ -300,8 +314,7 @@ class DiffusionModule(pl.LightningModule):
         noise = torch.cat([self.process.prior_sample((1, *self.image_shape), generator=torch.Generator().manual_seed(s))
                            for s in seeds]).to(self.device)
         generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
-        guided = self.hparams.class_conditional or self.hparams.classifier_checkpoint
-        labels = batch["label"] if guided and "label" in batch else None
+        labels = batch["label"] if self.guided and "label" in batch else None
         return to_uint8(self.sample(noise=noise, generator=generator, labels=labels)).cpu()
 
     def on_fit_start(self) -> None:

@@ -1,5 +1,6 @@
 """Network architectures (plain ``nn.Module``s, no Lightning)."""
 
+from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.nets.unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["EncoderClassifier", "UNet"]
