@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -24,6 +25,9 @@ DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
 )
 
 
+LIMIT_BATCHES = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+
+
 class DiffusionCLI(LightningCLI):
     """LightningCLI with OmegaConf interpolation, data->model argument links and the exact-resume callback."""
 
@@ -34,6 +38,19 @@ class DiffusionCLI(LightningCLI):
         overriding e.g. ``--model.init_args.sampler`` or ``sample_steps`` at ``test``/``predict``. The config
         files and overrides on the command line describe the run; the Trainer still restores the weights.
         """
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The Trainer, with ``limit_*_batches: 1`` read as one batch.
+
+        The Trainer annotates these ``float | int``, so the parser turns ``1`` into ``1.0``, which Lightning reads
+        as 100% of the batches (``--trainer.limit_test_batches=1`` would run the whole test set). An explicit 1
+        means one batch; leave the option unset (null) for all batches.
+        """
+        trainer = super().instantiate_trainer(**kwargs)
+        for name in LIMIT_BATCHES:
+            if getattr(trainer, name) == 1.0 and self._get(self.config_init, "trainer", default={}).get(name) == 1.0:
+                setattr(trainer, name, 1)
+        return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in DATA_TO_MODEL_LINKS:

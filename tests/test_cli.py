@@ -99,3 +99,16 @@ def test_command_line_overrides_win_over_checkpoint_hyperparameters(tmp_path: Pa
                                            "--model.init_args.sample_steps=7",
                                            "--data.init_args.predict_num_samples=2"), f"--ckpt_path={ckpt}"])
     assert cli.model.hparams.sampler == "ddpm" and cli.model.hparams.sample_steps == 7
+
+
+@pytest.mark.parametrize("stage", ["train", "val", "test", "predict"])
+def test_limit_batches_one_means_one_batch(tmp_path: Path, stage: str) -> None:
+    """Lightning reads the float 1.0 as 100%; the parser makes floats of `1` (the Trainer's float | int type)."""
+    cli = build_cli(tiny_args(tmp_path, f"--trainer.limit_{stage}_batches=1"), run=False)
+    value = getattr(cli.trainer, f"limit_{stage}_batches")
+    assert value == 1 and isinstance(value, int)
+    half = build_cli(tiny_args(tmp_path, f"--trainer.limit_{stage}_batches=0.5"), run=False)
+    assert getattr(half.trainer, f"limit_{stage}_batches") == 0.5
+    if stage == "test":
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+        assert cli.trainer.num_test_batches == [1]

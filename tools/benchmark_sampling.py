@@ -1,10 +1,11 @@
 """Benchmark: seconds per image of each sampler for a trained checkpoint, through `diffusion-pl predict`.
 
     python3 tools/benchmark_sampling.py --config configs/sde/vp_fashion_mnist.yaml --ckpt_path CKPT \
-        --sampler euler_maruyama --sampler pc --sampler ode --num-images 64
+        --sampler euler_maruyama:1000 --sampler pc:1000 --num-images 64 --model.init_args.sampler_options=null
 
 Each ``--sampler NAME[:STEPS]`` runs once as a warm-up on one batch, then predicts ``--num-images`` images; the
-table gives the wall time of the second run divided by the number of images, with the grid it wrote.
+table gives the wall time of the second run divided by the number of images, with the grid it wrote. Other
+arguments are passed to the CLI (sampler options, ``--trainer.accelerator=gpu``, ...).
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ def main() -> None:
     parser.add_argument("--sampler", action="append", required=True, help="NAME or NAME:STEPS (repeatable)")
     parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--output-dir", default=None, help="where the grids go (default: a temporary folder)")
-    parser.add_argument("overrides", nargs="*", help="further CLI overrides, e.g. --trainer.accelerator=gpu")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()  # the rest are CLI overrides, e.g. --trainer.accelerator=gpu
     root = Path(args.output_dir or tempfile.mkdtemp(prefix="benchmark_sampling_"))
     rows = []
     for spec in args.sampler:
         name, _, steps = spec.partition(":")
         out = root / spec.replace(":", "_")
-        batch = [f"--data.init_args.predict_batch_size={args.num_images}", *args.overrides]
+        batch = [f"--data.init_args.predict_batch_size={args.num_images}", *overrides]
         predict_seconds(args.config, args.ckpt_path, name, steps or None, 2, out / "warmup", batch)
         seconds = predict_seconds(args.config, args.ckpt_path, name, steps or None, args.num_images, out, batch)
         rows.append(f"| {spec} | {args.num_images} | {seconds:.1f} | {seconds / args.num_images:.3f} | {out}/grid.png |")
