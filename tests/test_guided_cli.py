@@ -59,7 +59,7 @@ def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> 
     classifier_ckpt = fit(tmp_path / "classifier", NOISY_CLASSIFIER)
     assert ClassifierModule.load_from_checkpoint(classifier_ckpt, map_location="cpu").net.time_conditional
     diffusion_ckpt = fit(tmp_path / "ddpm", DDPM)
-    unguided = predict(tmp_path / "unguided", DDPM, diffusion_ckpt)
+    unguided = predict(tmp_path / "unguided", DDPM, diffusion_ckpt, "--model.init_args.sampler=ddpm")  # as guided
     assert "labels" not in unguided
 
     def guided(scale: float) -> dict[str, np.ndarray]:
