@@ -47,8 +47,9 @@ class DiffusionCLI(LightningCLI):
         means one batch; leave the option unset (null) for all batches.
         """
         trainer = super().instantiate_trainer(**kwargs)
+        configured = self._get(self.config_init, "trainer", default={})
         for name in LIMIT_BATCHES:
-            if getattr(trainer, name) == 1.0 and self._get(self.config_init, "trainer", default={}).get(name) == 1.0:
+            if getattr(trainer, name) == 1.0 and configured.get(name) == 1.0:
                 setattr(trainer, name, 1)
         return trainer
 
