@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from diffusion_pl.processes import SCHEDULES, DiscreteProcess
+from diffusion_pl.processes import SCHEDULES, VPSDE, DiscreteProcess, SubVPSDE
+from diffusion_pl.processes.base import marginals_mismatch
 
 
 def reference_alpha_bar(betas: list[float]) -> list[float]:
@@ -113,3 +114,19 @@ def test_bad_schedule_errors() -> None:
         DiscreteProcess(1000, "cosin")
     with pytest.raises(ValueError, match="every beta must lie in"):
         DiscreteProcess(10, "linear")
+
+
+def test_marginals_tell_processes_apart() -> None:
+    """Equal processes (also rebuilt, or respaced onto all their steps) agree; another schedule, length or SDE does
+    not, and the message names what differs."""
+    cosine = DiscreteProcess(100, "cosine").marginals()
+    assert set(cosine) == {"net_time", "alpha", "sigma"} and cosine["alpha"].shape == (100,)
+    torch.testing.assert_close(cosine["alpha"] ** 2 + cosine["sigma"] ** 2, torch.ones(100))
+    assert marginals_mismatch(cosine, DiscreteProcess(100, "cosine").marginals()) is None
+    assert marginals_mismatch(cosine, DiscreteProcess(100, "cosine").respace(range(1, 101)).marginals()) is None
+    assert "alpha" in marginals_mismatch(cosine, DiscreteProcess(100, "linear").marginals())
+    assert "probe times" in marginals_mismatch(cosine, DiscreteProcess(50, "cosine").marginals())
+    vp = VPSDE().marginals()
+    assert marginals_mismatch(vp, VPSDE().marginals()) is None
+    assert "sigma" in marginals_mismatch(vp, SubVPSDE(eps=1e-5).marginals())  # same alpha(t), other sigma(t)
+    assert "net_time" in marginals_mismatch(vp, VPSDE(eps=1e-3).marginals())

@@ -26,6 +26,9 @@ _NET_CLASS_PATH = f"{EncoderClassifier.__module__}.{EncoderClassifier.__qualname
 
 Stage = Literal["train", "val", "test"]  # the prefix of the logged metric names
 
+#: Checkpoint entry holding ``ForwardProcess.marginals()`` of the process a noisy classifier was trained on.
+PROCESS_MARGINALS_KEY = "process_marginals"
+
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
     """AdamW with lr 1e-3 (Loshchilov & Hutter 2019)."""
@@ -96,7 +99,7 @@ class ClassifierModule(pl.LightningModule):
 
     def __init__(
         self,
-        net: EncoderClassifier,
+        net: EncoderClassifier | dict[str, Any],
         optimizer: OptimizerCallable = default_optimizer,
         process: ForwardProcess | None = None,
         noise_buckets: int = 4,
@@ -107,6 +110,8 @@ class ClassifierModule(pl.LightningModule):
         channels: int = 3,
     ) -> None:
         super().__init__()
+        if isinstance(net, dict):  # the spec a checkpoint stores: load_from_checkpoint outside LightningCLI
+            net = net_from_spec(net, "the net argument")
         self.save_hyperparameters(ignore=["net", "process", "optimizer"])
         # The net as LightningCLI writes it (class_path + init_args), also when built in Python: checkpoints stay
         # loadable with weights_only=True and `ClassifierModule.load_from_checkpoint` can rebuild the net.
@@ -128,6 +133,8 @@ class ClassifierModule(pl.LightningModule):
                                              for stage in ("train", "val", "test")})
         self.bucket_accuracy = None if process is None else torch.nn.ModuleDict(
             {f"{stage}_acc": BucketAccuracy(noise_buckets) for stage in ("val", "test")})
+        # What the net was trained on, kept in checkpoints so a guided sampler can check it uses the same process.
+        self.process_marginals: dict[str, Tensor] | None = None if process is None else process.marginals()
 
     def classifier_input(self, x0: Tensor, generator: torch.Generator | None = None) -> ClassifierInput:
         """The net's input for clean images ``x0``: ``x0`` itself, or x_t ~ q(x_t | x0) (Ho et al. 2020, eq. 4)
@@ -185,6 +192,14 @@ class ClassifierModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_buckets("test")
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.process_marginals is not None:
+            checkpoint[PROCESS_MARGINALS_KEY] = self.process_marginals
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if PROCESS_MARGINALS_KEY in checkpoint:
+            self.process_marginals = checkpoint[PROCESS_MARGINALS_KEY]
+
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameters())
         total = self.trainer.estimated_stepping_batches
@@ -193,6 +208,15 @@ class ClassifierModule(pl.LightningModule):
                                        total_steps=int(total) if math.isfinite(total) else None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def net_from_spec(spec: Any, source: str) -> EncoderClassifier:
+    """A fresh :class:`EncoderClassifier` from the ``{"class_path", "init_args"}`` spec a ClassifierModule checkpoint
+    stores as its ``net`` hyperparameter; ``source`` names where the spec came from, for the error."""
+    if not isinstance(spec, dict) or spec.get("class_path") != _NET_CLASS_PATH:
+        raise ValueError(f"{source} is not a ClassifierModule checkpoint of an EncoderClassifier (its hyperparameters "
+                         f"name no net of class {_NET_CLASS_PATH})")
+    return EncoderClassifier(**spec["init_args"])
 
 
 def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
@@ -216,11 +240,7 @@ def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
             "runs/classifier_fashion_mnist/lightning_logs/version_N/checkpoints/last.ckpt), or point checkpoint_path "
             "at an existing one")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    net_spec = checkpoint.get("hyper_parameters", {}).get("net")
-    if not isinstance(net_spec, dict) or net_spec.get("class_path") != _NET_CLASS_PATH:
-        raise ValueError(f"{path} is not a ClassifierModule checkpoint of an EncoderClassifier (its hyperparameters "
-                         f"name no net of class {_NET_CLASS_PATH})")
-    net = EncoderClassifier(**net_spec["init_args"])
+    net = net_from_spec(checkpoint.get("hyper_parameters", {}).get("net"), str(path))
     prefix = "net."
     net.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     return net.eval()

@@ -19,7 +19,7 @@ from diffusion_pl.losses import DenoisingLoss, SimpleLoss
 from diffusion_pl.models.classifier import ClassifierModule
 from diffusion_pl.models.lr_schedule import Decay, warmup_multiplier
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised
-from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.processes.base import ForwardProcess, marginals_mismatch
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
 from diffusion_pl.likelihood.ode import bits_per_dim, dequantize, ode_log_likelihood
 from diffusion_pl.processes.sde import SDEProcess
@@ -251,8 +251,24 @@ class DiffusionModule(pl.LightningModule):
             with torch.inference_mode(False):  # predict runs in inference mode; guidance backpropagates
                 classifier = ClassifierModule.load_from_checkpoint(self.hparams.classifier_checkpoint,
                                                                    map_location=self.device, weights_only=False)
+            self._check_classifier_process(classifier)
             self._classifier.append(classifier.eval().requires_grad_(False))
         return self._classifier[0]
+
+    def _check_classifier_process(self, classifier: ClassifierModule) -> None:
+        """Refuse a guiding classifier trained on x_t of another forward process: its p(y | x_t) would be read at
+        the wrong noise levels (Dhariwal & Nichol 2021 train it on the diffusion model's own noising)."""
+        path = self.hparams.classifier_checkpoint
+        if classifier.process_marginals is None:
+            log.warning("classifier_checkpoint %s records no forward process (a clean classifier, or one saved by an "
+                        "older version): cannot check that it was trained on this model's process", path)
+            return
+        mismatch = marginals_mismatch(classifier.process_marginals, self.process.marginals())
+        if mismatch is not None:
+            raise ValueError(
+                f"classifier_checkpoint {path} was trained on x_t of another forward process than this model's "
+                f"({mismatch}): train the noisy classifier with model.init_args.process set as in this model's "
+                "config (configs/guidance/classifier_fashion_mnist.yaml matches the Fashion-MNIST DDPMs)")
 
     def _classifier_log_prob(self, labels: Tensor, process: ForwardProcess) -> Callable[[Tensor, Tensor], Tensor]:
         """log p(y | x_t) of the guiding classifier at the sampler's times."""

@@ -11,6 +11,20 @@ from torch import Tensor, nn
 from diffusion_pl.utils import append_dims, sum_except_batch
 
 
+def marginals_mismatch(trained: dict[str, Tensor], used: dict[str, Tensor], atol: float = 1e-5) -> str | None:
+    """How two :meth:`ForwardProcess.marginals` differ, in words, or None when they agree within ``atol``."""
+    if trained["alpha"].shape != used["alpha"].shape:
+        return f"{trained['alpha'].numel()} probe times against {used['alpha'].numel()}"
+    for name in ("net_time", "alpha", "sigma"):
+        gap = (trained[name] - used[name]).abs()
+        tolerance = atol * max(1.0, float(used[name].abs().max()))
+        if float(gap.max()) > tolerance:
+            at = int(gap.argmax())
+            return (f"{name} {float(trained[name][at]):.6g} against {float(used[name][at]):.6g} at network time "
+                    f"{float(used['net_time'][at]):.6g}")
+    return None
+
+
 class ForwardProcess(nn.Module, abc.ABC):
     """A Gaussian forward (noising) process q(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I).
 
@@ -34,6 +48,21 @@ class ForwardProcess(nn.Module, abc.ABC):
     @abc.abstractmethod
     def net_input_time(self, t: Tensor) -> Tensor:
         """The scalar the network embeds for time ``t`` (float tensor of shape (B,))."""
+
+    @abc.abstractmethod
+    def probe_times(self) -> Tensor:
+        """Times spanning the process's time domain, at which :meth:`marginals` describes it."""
+
+    def marginals(self) -> dict[str, Tensor]:
+        """The network time, alpha(t) and sigma(t) at :meth:`probe_times` (float32, on the CPU).
+
+        This is all a net trained on the process sees of it: x_t = alpha(t) x0 + sigma(t) eps at the time it
+        embeds. Two processes with equal marginals give a net the same inputs, so a net trained on one (e.g. the
+        noisy classifier of classifier guidance) is valid for the other.
+        """
+        t = self.probe_times()
+        return {"net_time": self.net_input_time(t).float().cpu(), "alpha": self.alpha(t).float().cpu(),
+                "sigma": self.sigma(t).float().cpu()}
 
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample q(x_t | x_0) by reparameterization: x_t = alpha(t) x0 + sigma(t) eps (Ho et al. 2020, eq. 4)."""

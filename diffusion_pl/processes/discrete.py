@@ -93,6 +93,10 @@ class DiscreteProcess(ForwardProcess):
         """The (original, for a respaced process) integer step, as float, is what the UNet embeds."""
         return self.timestep_map[t.long()]
 
+    def probe_times(self) -> Tensor:
+        """Every step 1..T."""
+        return torch.arange(1, self.num_steps + 1, device=self.betas.device)
+
     def fixed_log_variance(self, t: Tensor, kind: FixedVariance = "beta") -> Tensor:
         """Fixed reverse log-variance: log beta_t ("beta") or log beta-tilde_t ("posterior"), both using
         beta-tilde_2 at t = 1 (Ho et al. 2020, Sec. 3.2; Nichol & Dhariwal 2021, Sec. 3.1)."""

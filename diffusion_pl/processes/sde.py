@@ -53,6 +53,10 @@ class SDEProcess(ForwardProcess):
         """999 t: the DDPM embedding's range (see the module docstring)."""
         return NET_TIME_SCALE * t
 
+    def probe_times(self) -> Tensor:
+        """101 equally spaced times in [eps, 1]."""
+        return torch.linspace(self.t_min, self.t_max, 101, dtype=torch.float64).float()
+
     def transition(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         """Exact kernel p(x_t | x_s) = N(a x_s, v I) for s < t of a linear SDE (Song et al. 2021, App. B).
 
