@@ -13,7 +13,8 @@ import torch
 
 from diffusion_pl.cli import build_cli
 from diffusion_pl.data import ImageDataModule
-from diffusion_pl.data.sources import load_split
+from diffusion_pl.data.sources import ImageData, load_split
+from diffusion_pl.metrics import ClassifierFeatures
 from diffusion_pl.models.classifier import ClassifierModule, load_classifier_net
 from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.processes import DiscreteProcess
@@ -80,6 +81,12 @@ def test_module_logs_accuracy_per_noise_level(tmp_path: Path) -> None:
     assert buckets and all(0.0 <= float(metrics[k]) <= 1.0 for k in buckets)
     results = trainer.test(module, datamodule=digits_data(), verbose=False)[0]
     assert "test/acc" in results and any(k.startswith("test/acc_noise_") for k in results)
+    path = tmp_path / "noisy.ckpt"  # the checkpoint records the process, for guided samplers to check
+    trainer.save_checkpoint(path)
+    restored = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
+    assert restored.process is None  # not rebuilt, but its marginals are kept
+    for name, value in DiscreteProcess(100, "cosine").marginals().items():
+        torch.testing.assert_close(restored.process_marginals[name], value)
 
 
 def test_evaluation_noise_leaves_global_rng_alone(tmp_path: Path) -> None:
@@ -122,6 +129,31 @@ def check_sample_accuracy_tool(classifier: Path, root: Path) -> None:
     assert float(scored.stdout.splitlines()[2].split("|")[3]) >= 0.7
     failed = subprocess.run([*tool, str(root / "unlabelled.npz")], capture_output=True, text=True)
     assert failed.returncode != 0 and "pass --labels" in failed.stderr
+    check_per_class_fid(tool, classifier, root, test)
+
+
+def check_per_class_fid(tool: list[str], classifier: Path, root: Path, test: ImageData) -> None:
+    """--fid-source against closed forms: the real test digits scored against the test split itself give FID 0 in
+    every class; copies of one digit x_c per class give ||mu_c - f(x_c)||^2 + tr(Sigma_c), with mu_c, Sigma_c the
+    (unbiased) feature moments of the class's real images; the floor row scores real train digits."""
+    labels = test.labels.numpy()
+    first_of_class = {int(c): int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)}
+    collapsed = test.images[[first_of_class[int(c)] for c in labels]].permute(0, 2, 3, 1).numpy()
+    np.savez(root / "collapsed.npz", samples=collapsed, labels=labels)
+    result = subprocess.run([*tool, "--fid-source", "digits", "--fid-split", "test", "--resize-mode", "resize",
+                             str(root / "true.npz"), str(root / "collapsed.npz")],
+                            capture_output=True, text=True, check=True)
+    rows = [line.split("|") for line in result.stdout.splitlines()[2:]]
+    true_fid, collapsed_fid, floor = (np.array([float(v.split(":")[1]) for v in row[5].split()]) for row in rows)
+    features = ClassifierFeatures(str(classifier))(test.images.float() / 127.5 - 1.0).features.double().numpy()
+    expected = []
+    for c, index in first_of_class.items():
+        own = features[labels == c]
+        expected.append(((own.mean(0) - features[index]) ** 2).sum() + np.trace(np.cov(own, rowvar=False)))
+    assert min(expected) > 1e-3  # features vary within each class: the closed form is not trivially 0
+    np.testing.assert_allclose(true_fid, 0.0, atol=1e-3 * min(expected))
+    np.testing.assert_allclose(collapsed_fid, expected, rtol=1e-3)
+    assert floor.shape == (10,) and np.isfinite(floor).all() and (floor >= 0).all()
 
 
 def test_load_classifier_net_says_how_to_fix(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ GUIDANCE = REPO / "configs" / "guidance"
 CFG = str(GUIDANCE / "cfg_fashion_mnist.yaml")
 NOISY_CLASSIFIER = str(GUIDANCE / "classifier_fashion_mnist.yaml")
 CLASSIFIER_GUIDED = str(GUIDANCE / "classifier_guided_fashion_mnist.yaml")
-DDPM = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
+IMPROVED = str(REPO / "configs" / "ddpm" / "fashion_mnist_improved.yaml")  # the model the guided config samples
 
 FIT = ["--trainer.max_steps=20", "--trainer.limit_val_batches=0", "--model.init_args.warmup_steps=0"]
 PREDICT = ["--data.init_args.predict_num_samples=6", "--data.init_args.predict_batch_size=3",
@@ -58,8 +58,8 @@ def test_classifier_free_predict_targets_the_labels(tmp_path: Path, cfg_checkpoi
 def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> None:
     classifier_ckpt = fit(tmp_path / "classifier", NOISY_CLASSIFIER)
     assert ClassifierModule.load_from_checkpoint(classifier_ckpt, map_location="cpu").net.time_conditional
-    diffusion_ckpt = fit(tmp_path / "ddpm", DDPM)
-    unguided = predict(tmp_path / "unguided", DDPM, diffusion_ckpt, "--model.init_args.sampler=ddpm")  # as guided
+    diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
+    unguided = predict(tmp_path / "unguided", IMPROVED, diffusion_ckpt)
     assert "labels" not in unguided
 
     def guided(scale: float) -> dict[str, np.ndarray]:
@@ -74,7 +74,17 @@ def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> 
 
 
 def test_missing_classifier_checkpoint_says_how_to_train_it(tmp_path: Path) -> None:
-    diffusion_ckpt = fit(tmp_path / "ddpm", DDPM)
+    diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
     with pytest.raises(FileNotFoundError, match="classifier_fashion_mnist.yaml"):
         predict(tmp_path / "guided", CLASSIFIER_GUIDED, diffusion_ckpt,
                 f"--model.init_args.classifier_checkpoint={tmp_path / 'missing.ckpt'}")
+
+
+def test_classifier_of_another_process_is_refused(tmp_path: Path) -> None:
+    """A noisy classifier trained on the linear schedule cannot guide the cosine-schedule model."""
+    classifier_ckpt = fit(tmp_path / "classifier", NOISY_CLASSIFIER,
+                          "--model.init_args.process.init_args.schedule=linear")
+    diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
+    with pytest.raises(ValueError, match="another forward process.*alpha"):
+        predict(tmp_path / "guided", CLASSIFIER_GUIDED, diffusion_ckpt,
+                f"--model.init_args.classifier_checkpoint={classifier_ckpt}")
