@@ -107,7 +107,7 @@ def main() -> None:
     net = extractor.net
     real = other = None
     if args.fid_source:
-        size = dict(image_size=net.image_size, channels=net.in_channels, resize_mode=args.resize_mode)
+        size = {"image_size": net.image_size, "channels": net.in_channels, "resize_mode": args.resize_mode}
         real = load_split(args.fid_source, args.fid_split, **size)
         other = load_split(args.fid_source, "train" if args.fid_split == "test" else "test", **size)
     header = "| samples | N | accuracy | per class |" + (" FID per class |" if real else "")

@@ -8,7 +8,7 @@ so it runs on the tensors' device; its only host synchronization is one error no
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from diffusion_pl.parameterization import DenoiseFn, score_from_eps
 from diffusion_pl.processes.sde import SDEProcess
+from diffusion_pl.samplers.grids import TimeSpacing, sde_times
 from diffusion_pl.samplers.progress import maybe_progress
 from diffusion_pl.samplers.sde import batch_time, denoise_at_t_min
 
@@ -110,13 +111,11 @@ def _integrate_adaptive(fn: ODEFn, x: Tensor, t0: float, t1: float, rtol: float,
     return x
 
 
-def _integrate_fixed(fn: ODEFn, x: Tensor, t0: float, t1: float, method: ODEMethod, steps: int, progress: bool,
+def _integrate_fixed(fn: ODEFn, x: Tensor, times: Sequence[float], method: ODEMethod, progress: bool,
                      stats: dict[str, int]) -> Tensor:
-    """Euler, or Heun's second-order method (explicit trapezoid), on a uniform grid of ``steps`` intervals."""
-    if steps < 1:
-        raise ValueError(f"the number of ODE steps must be at least 1, got {steps}")
-    times = torch.linspace(t0, t1, steps + 1, dtype=torch.float64).tolist()
+    """Euler, or Heun's second-order method (explicit trapezoid), from ``times[0]`` through each of ``times``."""
     pairs = list(zip(times[:-1], times[1:]))
+    steps = len(pairs)
     for t, s in maybe_progress(pairs, progress, total=steps, desc=method):
         d = fn(x, batch_time(t, x))
         x_euler = x + (s - t) * d
@@ -126,8 +125,8 @@ def _integrate_fixed(fn: ODEFn, x: Tensor, t0: float, t1: float, method: ODEMeth
 
 
 def integrate_ode(fn: ODEFn, x: Tensor, t0: float, t1: float, *, method: ODEMethod = "rk45", steps: int = 100,
-                  rtol: float = 1e-5, atol: float = 1e-5, progress: bool = False,
-                  stats: dict[str, int] | None = None) -> Tensor:
+                  times: Sequence[float] | None = None, rtol: float = 1e-5, atol: float = 1e-5,
+                  progress: bool = False, stats: dict[str, int] | None = None) -> Tensor:
     """Solve dx/dt = fn(x, t) from t0 to t1 (either direction) and return x(t1).
 
     Args:
@@ -136,7 +135,8 @@ def integrate_ode(fn: ODEFn, x: Tensor, t0: float, t1: float, *, method: ODEMeth
         t0: Start time.
         t1: End time.
         method: "euler", "heun" (fixed steps) or "rk45" (adaptive Dormand–Prince 5(4)).
-        steps: Number of steps of the fixed-step methods (ignored by rk45).
+        steps: Number of steps of the fixed-step methods, on a uniform grid (ignored by rk45).
+        times: The grid of the fixed-step methods instead, t0 = times[0], ..., times[-1] = t1.
         rtol: Relative tolerance of rk45.
         atol: Absolute tolerance of rk45. The error is measured per sample (RMS over its elements) and the
             worst sample of the batch controls the shared step size.
@@ -152,15 +152,22 @@ def integrate_ode(fn: ODEFn, x: Tensor, t0: float, t1: float, *, method: ODEMeth
     if method == "rk45":
         out = _integrate_adaptive(fn, x, float(t0), float(t1), rtol, atol, stats)
     else:
-        out = _integrate_fixed(fn, x, float(t0), float(t1), method, steps, progress, stats)
+        if times is None:
+            if steps < 1:
+                raise ValueError(f"the number of ODE steps must be at least 1, got {steps}")
+            times = torch.linspace(float(t0), float(t1), steps + 1, dtype=torch.float64).tolist()
+        if len(times) < 2 or (times[0], times[-1]) != (float(t0), float(t1)):
+            raise ValueError(f"the ODE time grid must run from t0 = {t0} to t1 = {t1} in at least one step")
+        out = _integrate_fixed(fn, x, times, method, progress, stats)
     log.debug("integrated the ODE from t=%g to t=%g with %s: %s", t0, t1, method, stats)
     return out
 
 
 @torch.no_grad()
 def sample_ode(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, method: ODEMethod = "heun",
-               steps: int = 100, rtol: float = 1e-5, atol: float = 1e-5, generator: torch.Generator | None = None,
-               progress: bool = False, denoise_final: bool = True, stats: dict[str, int] | None = None) -> Tensor:
+               steps: int = 100, spacing: TimeSpacing = "uniform", rtol: float = 1e-5, atol: float = 1e-5,
+               generator: torch.Generator | None = None, progress: bool = False, denoise_final: bool = True,
+               stats: dict[str, int] | None = None) -> Tensor:
     """Sample by integrating the probability-flow ODE (Song et al. 2021, eq. 13) from t = 1 to t_min.
 
     Args:
@@ -169,6 +176,7 @@ def sample_ode(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, method: 
         x_T: Prior sample.
         method: "euler", "heun" or "rk45" (see :func:`integrate_ode`).
         steps: Steps of the fixed-step methods (Heun: 2 evaluations per step).
+        spacing: Their time grid, "uniform" in t or "log_snr" (see :func:`sde_times`); rk45 chooses its own.
         rtol: Relative tolerance of rk45.
         atol: Absolute tolerance of rk45.
         generator: Unused (the ODE is deterministic); accepted so that every sampler has the same call shape.
@@ -179,8 +187,9 @@ def sample_ode(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, method: 
     Returns:
         The sample; with ``denoise_final=False`` it inverts :func:`encode_ode` up to solver error.
     """
+    times = None if method == "rk45" else sde_times(process, steps, spacing)
     x = integrate_ode(probability_flow(denoise, process), x_T, process.t_max, process.t_min, method=method,
-                      steps=steps, rtol=rtol, atol=atol, progress=progress, stats=stats)
+                      times=times, rtol=rtol, atol=atol, progress=progress, stats=stats)
     return denoise_at_t_min(denoise, process, x) if denoise_final else x
 
 

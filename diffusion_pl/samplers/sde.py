@@ -1,6 +1,6 @@
 """Reverse-time SDE samplers: Euler–Maruyama and predictor–corrector (Song et al. 2021, Sec. 4.2, Alg. 1-5).
 
-Both walk the uniform grid t_N = 1 > ... > t_0 = t_min of ``steps`` intervals and use the score
+Both walk a grid t_N = 1 > ... > t_0 = t_min of ``steps`` intervals (uniform in t, or in log-SNR) and use the score
 s(x, t) = -eps_hat / sigma(t) of the denoiser. With ``denoise_final`` the sample at t_min is replaced by the
 denoiser's E[x_0 | x_{t_min}] (Tweedie's formula), one extra network evaluation.
 """
@@ -14,6 +14,7 @@ from torch import Tensor
 
 from diffusion_pl.parameterization import DenoiseFn, score_from_eps
 from diffusion_pl.processes.sde import SDEProcess
+from diffusion_pl.samplers.grids import TimeSpacing, sde_times
 from diffusion_pl.samplers.progress import maybe_progress
 from diffusion_pl.utils import append_dims
 
@@ -22,19 +23,18 @@ StepSizeNorm = Literal["sample", "batch"]
 PREDICTORS: tuple[str, ...] = ("reverse_diffusion", "euler_maruyama")
 
 
-def time_grid(process: SDEProcess, steps: int) -> list[tuple[float, float]]:
-    """Consecutive pairs (t_{i+1}, t_i) of the decreasing uniform grid from t_max = 1 to t_min.
+def time_grid(process: SDEProcess, steps: int, spacing: TimeSpacing = "uniform") -> list[tuple[float, float]]:
+    """Consecutive pairs (t_{i+1}, t_i) of the decreasing grid of :func:`sde_times` from t_max = 1 to t_min.
 
     Args:
         process: The SDE, which gives t_min and t_max.
         steps: Number of intervals N >= 1.
+        spacing: "uniform" in t or "log_snr" (see :func:`sde_times`).
 
     Returns:
-        N pairs (t, s) with t > s, from (1, 1 - dt) to (t_min + dt, t_min).
+        N pairs (t, s) with t > s, from (1, t_{N-1}) to (t_1, t_min).
     """
-    if steps < 1:
-        raise ValueError(f"the number of sampling steps must be at least 1, got {steps}")
-    times = torch.linspace(process.t_max, process.t_min, steps + 1, dtype=torch.float64).tolist()
+    times = sde_times(process, steps, spacing)
     return list(zip(times[:-1], times[1:]))
 
 
@@ -107,8 +107,8 @@ def langevin_step(denoise: DenoiseFn, process: SDEProcess, x: Tensor, s: float, 
 
 @torch.no_grad()
 def sample_euler_maruyama(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, steps: int = 1000,
-                          generator: torch.Generator | None = None, progress: bool = False,
-                          denoise_final: bool = True) -> Tensor:
+                          spacing: TimeSpacing = "uniform", generator: torch.Generator | None = None,
+                          progress: bool = False, denoise_final: bool = True) -> Tensor:
     """Integrate the reverse-time SDE (Song et al. 2021, eq. 6) from t = 1 to t_min with Euler–Maruyama.
 
     Args:
@@ -116,6 +116,7 @@ def sample_euler_maruyama(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, 
         process: The SDE the denoiser was trained on.
         x_T: Prior sample, e.g. ``process.prior_sample(shape)``.
         steps: Number of steps N (network evaluations: N, plus 1 when ``denoise_final``).
+        spacing: The time grid, "uniform" in t or "log_snr" (see :func:`sde_times`).
         generator: Random generator on x_T's device.
         progress: Show a progress bar.
         denoise_final: Return E[x_0 | x_{t_min}] instead of the noisy x_{t_min}.
@@ -124,7 +125,7 @@ def sample_euler_maruyama(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, 
         The sample, same shape as x_T.
     """
     x = x_T
-    pairs = time_grid(process, steps)
+    pairs = time_grid(process, steps, spacing)
     for t, s in maybe_progress(pairs, progress, total=len(pairs), desc="Euler-Maruyama"):
         x = euler_maruyama_step(denoise, process, x, t, s, generator)
     return denoise_at_t_min(denoise, process, x) if denoise_final else x
@@ -132,7 +133,8 @@ def sample_euler_maruyama(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, 
 
 @torch.no_grad()
 def sample_pc(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, steps: int = 1000,
-              predictor: Predictor = "reverse_diffusion", corrector_steps: int = 1, snr: float = 0.16,
+              spacing: TimeSpacing = "uniform", predictor: Predictor = "reverse_diffusion",
+              corrector_steps: int = 1, snr: float = 0.16,
               step_size_norm: StepSizeNorm = "sample", generator: torch.Generator | None = None,
               progress: bool = False, denoise_final: bool = True) -> Tensor:
     """Predictor–corrector sampling (Song et al. 2021, Alg. 1): at each t_{i+1} -> t_i one predictor step,
@@ -148,6 +150,7 @@ def sample_pc(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, steps: in
         x_T: Prior sample.
         steps: Number of predictor steps N (network evaluations: N (1 + corrector_steps), plus 1 when
             ``denoise_final``).
+        spacing: The time grid, "uniform" in t or "log_snr" (see :func:`sde_times`).
         predictor: "reverse_diffusion" (eq. 47) or "euler_maruyama".
         corrector_steps: Langevin steps M per time step (0 disables the corrector).
         snr: The signal-to-noise ratio r of the corrector (0.16 for VE on CIFAR-10 in Song et al.).
@@ -169,7 +172,7 @@ def sample_pc(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, steps: in
         raise ValueError(f"unknown step_size_norm {step_size_norm!r}; choose 'sample' or 'batch'")
     predict = reverse_diffusion_step if predictor == "reverse_diffusion" else euler_maruyama_step
     x = x_T
-    pairs = time_grid(process, steps)
+    pairs = time_grid(process, steps, spacing)
     for t, s in maybe_progress(pairs, progress, total=len(pairs), desc="predictor-corrector"):
         x = predict(denoise, process, x, t, s, generator)
         alpha_i = process.transition(batch_time(s, x), batch_time(t, x))[0] ** 2
