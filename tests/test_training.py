@@ -151,10 +151,13 @@ VP = str(Path(__file__).resolve().parent.parent / "configs" / "sde" / "vp_fashio
 
 @pytest.mark.parametrize("sampler", ["euler_maruyama", "pc", "ode"])
 def test_sde_model_samples_and_reports_ode_bpd(tmp_path: Path, sampler: str) -> None:
+    own_options = [] if sampler == "ode" else ["--model.init_args.sampler_options={}"]  # the config's are the ODE's
     cli = tiny_cli(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.limit_test_batches=1",
                    "--data.init_args.batch_size=8", f"--model.init_args.sampler={sampler}",
-                   "--model.init_args.sample_steps=4", "--model.init_args.sampler_options={}",
+                   "--model.init_args.sample_steps=4", *own_options,
                    "--model.init_args.likelihood_options={method: euler, steps: 2}", config=VP)
+    if sampler == "ode":
+        assert cli.model.hparams.sampler_options == {"method": "heun", "spacing": "log_snr"}
     set_callback(cli, SampleGrid, every_n_steps=0, num_samples=3)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     images = cli.model.sample(3, generator=torch.Generator().manual_seed(0))
