@@ -11,8 +11,8 @@ from torch import Tensor, nn
 from analytic import gaussian_denoiser
 from diffusion_pl.guidance import batched_classifier_free, classifier_free, classifier_guidance, log_prob_gradient
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, Prediction, eps_from_x0
-from diffusion_pl.processes import DiscreteProcess
-from diffusion_pl.samplers import sample_ddim, sample_ddpm
+from diffusion_pl.processes import VPSDE, DiscreteProcess, ForwardProcess
+from diffusion_pl.samplers import sample_ddim, sample_ddpm, sample_euler_maruyama, sample_ode, sample_pc
 from diffusion_pl.utils import append_dims
 
 WEIGHTS = torch.tensor([0.3, 0.7])
@@ -21,7 +21,7 @@ STD = 0.3
 N = 10_000
 
 
-def responsibilities(x_t: Tensor, t: Tensor, process: DiscreteProcess) -> Tensor:
+def responsibilities(x_t: Tensor, t: Tensor, process: ForwardProcess) -> Tensor:
     """log p(y = k | x_t) for the noised mixture: components N(a m_k, (a^2 s^2 + sigma^2) I)."""
     a, s = append_dims(process.alpha(t), 2), append_dims(process.sigma(t), 2)
     var = a**2 * STD**2 + s**2
@@ -30,7 +30,7 @@ def responsibilities(x_t: Tensor, t: Tensor, process: DiscreteProcess) -> Tensor
     return log_joint - torch.logsumexp(log_joint, dim=1, keepdim=True)
 
 
-def mixture_denoiser(process: DiscreteProcess) -> DenoiseFn:
+def mixture_denoiser(process: ForwardProcess) -> DenoiseFn:
     """Exact E[x0 | x_t] = sum_k p(k | x_t) E_k[x0 | x_t]."""
     components = [gaussian_denoiser(MEANS[k], torch.full((2,), STD), process) for k in range(2)]
 
@@ -42,7 +42,7 @@ def mixture_denoiser(process: DiscreteProcess) -> DenoiseFn:
     return denoise
 
 
-def class_log_prob(y: int, process: DiscreteProcess):
+def class_log_prob(y: int, process: ForwardProcess):
     return lambda x_t, t: responsibilities(x_t, t, process)[:, y]
 
 
@@ -161,3 +161,24 @@ def test_guidance_gradient_inside_inference_mode_equals_plain_autograd() -> None
     closed = (weight[labels] - logits.softmax(-1) @ weight).view_as(x_t)
     torch.testing.assert_close(expected, closed)
     torch.testing.assert_close(inside, closed)
+
+
+SDE_SAMPLERS = {
+    "euler_maruyama": lambda den, process, x, gen: sample_euler_maruyama(den, process, x, steps=1000, generator=gen),
+    "pc": lambda den, process, x, gen: sample_pc(den, process, x, steps=500, step_size_norm="batch", generator=gen),
+    "ode": lambda den, process, x, gen: sample_ode(den, process, x, method="heun", steps=100, spacing="log_snr"),
+}
+
+
+@pytest.mark.parametrize("sampler", list(SDE_SAMPLERS))
+def test_scale_one_guides_the_sde_samplers_to_the_class_conditional(sampler: str) -> None:
+    """The same wrapper on the VP SDE: Euler-Maruyama, predictor-corrector and the probability-flow ODE sample the
+    minority component of the mixture (weight 0.3) with its mean and spread."""
+    process = VPSDE()
+    gen = torch.Generator().manual_seed(0)
+    x_T = process.prior_sample((N, 2), generator=gen)
+    guided = classifier_guidance(mixture_denoiser(process), class_log_prob(0, process), process, 1.0)
+    x = SDE_SAMPLERS[sampler](guided, process, x_T, gen)
+    assert component_fractions(x)[0].item() > 0.995
+    assert (x.mean(0) - MEANS[0]).abs().max().item() < 5 * STD / math.sqrt(N) + 0.02
+    assert abs(x.std(0).mean().item() / STD - 1) < 0.05
