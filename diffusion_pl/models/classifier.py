@@ -197,8 +197,8 @@ class ClassifierModule(pl.LightningModule):
             checkpoint[PROCESS_MARGINALS_KEY] = self.process_marginals
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if PROCESS_MARGINALS_KEY in checkpoint:
-            self.process_marginals = checkpoint[PROCESS_MARGINALS_KEY]
+        if PROCESS_MARGINALS_KEY in checkpoint:  # on the CPU whatever map_location put them on
+            self.process_marginals = {k: v.cpu() for k, v in checkpoint[PROCESS_MARGINALS_KEY].items()}
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = self.optimizer_factory(self.parameters())
@@ -214,8 +214,8 @@ def net_from_spec(spec: Any, source: str) -> EncoderClassifier:
     """A fresh :class:`EncoderClassifier` from the ``{"class_path", "init_args"}`` spec a ClassifierModule checkpoint
     stores as its ``net`` hyperparameter; ``source`` names where the spec came from, for the error."""
     if not isinstance(spec, dict) or spec.get("class_path") != _NET_CLASS_PATH:
-        raise ValueError(f"{source} is not a ClassifierModule checkpoint of an EncoderClassifier (its hyperparameters "
-                         f"name no net of class {_NET_CLASS_PATH})")
+        raise ValueError(f"{source}: no net spec of class {_NET_CLASS_PATH} (not a ClassifierModule checkpoint of an "
+                         "EncoderClassifier)")
     return EncoderClassifier(**spec["init_args"])
 
 
