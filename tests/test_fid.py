@@ -191,7 +191,9 @@ def test_domain_fid_small_for_real_splits_large_for_noise_and_monotone(digits_cl
 
 
 def test_extractors_never_leave_eval_mode(digits_classifier_ckpt: Path) -> None:
+    state = torch.get_rng_state()
     extractor = ClassifierFeatures(str(digits_classifier_ckpt))
+    assert torch.equal(state, torch.get_rng_state())  # building it leaves a training run's random stream alone
     extractor.train()
     assert not extractor.training and not any(m.training for m in extractor.modules())
     images = digits("test")[:16]
@@ -303,7 +305,9 @@ def test_inception_input_is_the_single_conversion() -> None:
 
 
 def test_inception_runs_offline_from_a_local_weights_file(random_inception_weights: Path) -> None:
+    state = torch.get_rng_state()
     extractor = InceptionFeatures(str(random_inception_weights))
+    assert torch.equal(state, torch.get_rng_state())
     extractor.train()
     assert not any(m.training for m in extractor.modules())
     gray = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1

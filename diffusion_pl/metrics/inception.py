@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from torch import Tensor
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
@@ -58,8 +59,9 @@ def load_inception(weights_path: str | None = None) -> FeatureExtractorInception
         raise InceptionWeightsError(
             f"Inception weights file {weights_path} does not exist. " + _weights_fix(weights_path))
     try:
-        return FeatureExtractorInceptionV3("inception-v3-compat", list(FEATURE_LAYERS),
-                                           feature_extractor_weights_path=weights_path)
+        with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the global RNG untouched
+            return FeatureExtractorInceptionV3("inception-v3-compat", list(FEATURE_LAYERS),
+                                               feature_extractor_weights_path=weights_path)
     except OSError as error:  # urllib's URLError/HTTPError and socket errors are OSErrors
         raise InceptionWeightsError(
             f"could not download the FID Inception-v3 weights ({error}). " + _weights_fix(weights_path)) from error

@@ -226,7 +226,8 @@ def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
         checkpoint_path: A checkpoint written while fitting a ClassifierModule.
 
     Returns:
-        The net in eval mode with the checkpoint's weights.
+        The net in eval mode with the checkpoint's weights. Loading leaves the global RNG untouched, so adding an
+        evaluation callback that loads one (the domain FID) does not change a training run's random stream.
 
     Raises:
         FileNotFoundError: The checkpoint does not exist (the message says how to train one).
@@ -240,7 +241,8 @@ def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
             "runs/classifier_fashion_mnist/lightning_logs/version_N/checkpoints/last.ckpt), or point checkpoint_path "
             "at an existing one")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    net = net_from_spec(checkpoint.get("hyper_parameters", {}).get("net"), str(path))
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: keep the caller's RNG stream as it was
+        net = net_from_spec(checkpoint.get("hyper_parameters", {}).get("net"), str(path))
     prefix = "net."
     net.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
     return net.eval()
