@@ -35,7 +35,7 @@ from diffusion_pl.metrics import (
     inception_input,
     reference_statistics,
 )
-from helpers import REPO, tiny_args, tiny_cli
+from helpers import REPO, LossRecorder, tiny_args, tiny_cli
 from test_classifier import train_digits_classifier
 
 DDPM_FASHION = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
@@ -279,6 +279,22 @@ def test_callback_logs_during_fit_and_reuses_the_cached_reference(tmp_path: Path
     assert [step for step, _ in logged] == [2, 4] and logged[0][1]["val/fid"] > 0
     assert len(computed) == 1, "the second run must reuse the cached reference statistics"
     assert len(list(cache.iterdir())) == 1
+
+
+def test_fid_callback_leaves_the_training_run_unchanged(tmp_path: Path, digits_classifier_ckpt: Path) -> None:
+    """Adding the FID callback (built after seeding, as the overlay's is, and evaluating at step 2) changes no
+    training loss: its extractor's construction and its sampling draw nothing from the global RNG."""
+    losses = []
+    for with_fid in (False, True):
+        cli = tiny_cli(tmp_path / f"fid_{with_fid}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                       "--trainer.log_every_n_steps=1", "--model.init_args.sample_steps=4")
+        recorder = LossRecorder()
+        cli.trainer.callbacks.append(recorder)
+        if with_fid:
+            cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, tmp_path / "cache", every_n_steps=2))
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        losses.append(recorder.losses)
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
 
 
 # ----------------------------------------------------------------------------------------------- Inception
