@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from diffusion_pl.callbacks import EMA
 from diffusion_pl.cli import build_cli
@@ -71,6 +72,11 @@ def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> 
     assert scale_ten["labels"].tolist() == [2, 7] * 3
     np.testing.assert_array_equal(scale_zero["samples"], unguided["samples"])
     assert not np.array_equal(scale_ten["samples"], unguided["samples"])
+    model = build_cli(tiny_args(tmp_path / "rng", f"--model.init_args.classifier_checkpoint={classifier_ckpt}",
+                                config=CLASSIFIER_GUIDED), run=False).model
+    state = torch.get_rng_state()
+    assert model.guiding_classifier().net.time_conditional
+    assert torch.equal(state, torch.get_rng_state())  # loading the guide draws nothing from the global RNG
 
 
 def test_missing_classifier_checkpoint_says_how_to_train_it(tmp_path: Path) -> None:

@@ -248,7 +248,9 @@ class DiffusionModule(pl.LightningModule):
                     "on this model's process first, e.g. `diffusion-pl fit --config "
                     "configs/guidance/classifier_fashion_mnist.yaml` for the Fashion-MNIST demo, and point "
                     "model.init_args.classifier_checkpoint at its last.ckpt")
-            with torch.inference_mode(False):  # predict runs in inference mode; guidance backpropagates
+            # predict runs in inference mode, and guidance backpropagates; the net's throwaway random init must not
+            # draw from the global RNG (sample grids during fit would otherwise change the training noise)
+            with torch.inference_mode(False), torch.random.fork_rng(devices=[]):
                 classifier = ClassifierModule.load_from_checkpoint(self.hparams.classifier_checkpoint,
                                                                    map_location=self.device, weights_only=False)
             self._check_classifier_process(classifier)
