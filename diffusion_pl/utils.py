@@ -32,6 +32,11 @@ def mean_except_batch(x: Tensor) -> Tensor:
     return x.flatten(1).mean(1)
 
 
+def from_uint8(images: Tensor) -> Tensor:
+    """Map uint8 images in [0, 255] to float32 in [-1, 1]: x / 127.5 - 1, the data module's scaling."""
+    return images.to(torch.float32) / 127.5 - 1.0
+
+
 def to_uint8(images: Tensor) -> Tensor:
     """Map images in [-1, 1] to uint8 in [0, 255] (round to nearest), the inverse of x / 127.5 - 1."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -28,13 +28,13 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.data.sources import ImageData, load_split
-from diffusion_pl.metrics import ClassifierFeatures, GenerativeMetrics, reference_statistics
+from diffusion_pl.metrics import ClassifierFeatures, GenerativeMetrics, ReferenceStatistics, reference_statistics
+from diffusion_pl.utils import from_uint8
 
 
 def to_model_range(images: np.ndarray | Tensor) -> Tensor:
     """uint8 images N x H x W x C (numpy) or N x C x H x W (torch) -> float N x C x H x W in [-1, 1]."""
-    tensor = torch.from_numpy(images).permute(0, 3, 1, 2) if isinstance(images, np.ndarray) else images
-    return tensor.float() / 127.5 - 1.0
+    return from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2) if isinstance(images, np.ndarray) else images)
 
 
 @torch.no_grad()
@@ -48,30 +48,40 @@ def target_accuracy(net: torch.nn.Module, samples: np.ndarray, labels: np.ndarra
 
 
 @torch.no_grad()
-def frechet_distance(extractor: ClassifierFeatures, real: Tensor, generated: Tensor, batch_size: int = 500) -> float:
-    """FID (Heusel et al. 2017) between ``real`` and ``generated`` images (float, [-1, 1]) in the extractor's
-    features."""
-    stats = reference_statistics(real.split(batch_size), extractor, len(real), kid_size=len(real))
+def class_references(extractor: ClassifierFeatures, real: ImageData, batch_size: int = 500
+                     ) -> dict[int, ReferenceStatistics]:
+    """Feature statistics of the real images of each class, computed once for every file and the floor."""
+    references = {}
+    for c in real.labels.unique().tolist():
+        images = to_model_range(real.images[real.labels == c])
+        references[c] = reference_statistics(images.split(batch_size), extractor, len(images), kid_size=len(images))
+    return references
+
+
+@torch.no_grad()
+def frechet_distance(extractor: ClassifierFeatures, reference: ReferenceStatistics, generated: Tensor) -> float:
+    """FID (Heusel et al. 2017) of ``generated`` images (float, [-1, 1]) against real ``reference`` statistics, in
+    the extractor's features."""
     metrics = GenerativeMetrics(extractor.num_features, kid_subsets=1,
-                                kid_subset_size=min(len(real), len(generated)))
-    metrics.load_reference(stats)
+                                kid_subset_size=min(reference.num_images, len(generated)))
+    metrics.load_reference(reference)
     metrics.update(extractor(generated))
     return metrics.compute(seed=0)["fid"]
 
 
-def per_class_fid(extractor: ClassifierFeatures, real: ImageData, samples: np.ndarray,
+def per_class_fid(extractor: ClassifierFeatures, references: dict[int, ReferenceStatistics], samples: np.ndarray,
                   labels: np.ndarray) -> dict[int, float]:
     """FID of the samples aimed at each class against the real images of that class."""
-    return {int(c): frechet_distance(extractor, to_model_range(real.images[real.labels == int(c)]),
-                                     to_model_range(samples[labels == c])) for c in np.unique(labels)}
+    return {int(c): frechet_distance(extractor, references[int(c)], to_model_range(samples[labels == c]))
+            for c in np.unique(labels)}
 
 
-def real_floor(extractor: ClassifierFeatures, real: ImageData, other: ImageData,
+def real_floor(extractor: ClassifierFeatures, references: dict[int, ReferenceStatistics], other: ImageData,
                counts: dict[int, int]) -> dict[int, float]:
-    """Per-class FID of ``counts[c]`` real images of class c from ``other`` (the first ones) against ``real``: what a
-    generator indistinguishable from the data would score with that many samples."""
-    return {c: frechet_distance(extractor, to_model_range(real.images[real.labels == c]),
-                                to_model_range(other.images[other.labels == c][:n])) for c, n in counts.items()}
+    """Per-class FID of ``counts[c]`` real images of class c from ``other`` (the first ones) against the references:
+    what a generator indistinguishable from the data would score with that many samples."""
+    return {c: frechet_distance(extractor, references[c], to_model_range(other.images[other.labels == c][:n]))
+            for c, n in counts.items()}
 
 
 def read_samples(path: str, cycled_labels: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -105,24 +115,24 @@ def main() -> None:
     args = parser.parse_args()
     extractor = ClassifierFeatures(args.classifier)
     net = extractor.net
-    real = other = None
+    references = other = None
     if args.fid_source:
         size = {"image_size": net.image_size, "channels": net.in_channels, "resize_mode": args.resize_mode}
-        real = load_split(args.fid_source, args.fid_split, **size)
+        references = class_references(extractor, load_split(args.fid_source, args.fid_split, **size))
         other = load_split(args.fid_source, "train" if args.fid_split == "test" else "test", **size)
-    header = "| samples | N | accuracy | per class |" + (" FID per class |" if real else "")
+    header = "| samples | N | accuracy | per class |" + (" FID per class |" if references else "")
     rows = [header, "|---" * (header.count("|") - 1) + "|"]
     counts: dict[int, int] = {}
     for path in args.npz:
         samples, labels = read_samples(path, args.labels)
         overall, per_class = target_accuracy(net, samples, labels)
         row = f"| {Path(path)} | {samples.shape[0]} | {overall:.4f} | {format_per_class(per_class, '.2f')} |"
-        if real is not None:
-            row += f" {format_per_class(per_class_fid(extractor, real, samples, labels), '.4g')} |"
+        if references is not None:
+            row += f" {format_per_class(per_class_fid(extractor, references, samples, labels), '.4g')} |"
             counts = counts or {int(c): int((labels == c).sum()) for c in np.unique(labels)}
         rows.append(row)
-    if real is not None and other is not None:
-        floor = real_floor(extractor, real, other, counts)
+    if references is not None and other is not None:
+        floor = real_floor(extractor, references, other, counts)
         rows.append(f"| real {args.fid_source} images (floor) | {sum(counts.values())} | | | "
                     f"{format_per_class(floor, '.4g')} |")
     sys.stdout.write("\n".join(rows) + "\n")

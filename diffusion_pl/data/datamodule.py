@@ -20,7 +20,7 @@ from diffusion_pl.data.sources import (
     prepare_source,
     source_class_names,
 )
-from diffusion_pl.utils import append_dims
+from diffusion_pl.utils import append_dims, from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         label = int(self.data.labels[index])
-        image = self.data.images[index].to(torch.float32) / 127.5 - 1.0
+        image = from_uint8(self.data.images[index])
         return {"image": image, "label": label, "caption": self.captions[label]}
 
 
