@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One-shot set-up on a fresh machine: the Fashion-MNIST system package (as root), PyTorch, and this package.
+# One-shot set-up on a fresh machine or inside a virtual environment: the Fashion-MNIST system package (as
+# root), PyTorch, and this package with its test extras, all into the active `python3`'s environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,5 +14,7 @@ if ! [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
+# clip-anytorch imports pkg_resources, which setuptools 81 and later no longer ship.
+python3 -m pip install -q --upgrade pip "setuptools<81"
 python3 -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 python3 -m pip install -q -e ".[test]"
