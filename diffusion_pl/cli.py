@@ -11,18 +11,33 @@ from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import Namespace
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diffusion_pl.callbacks import ResumeRNGState
 from diffusion_pl.data import ImageDataModule
+from diffusion_pl.nets.spec import build
 
-# Arguments written once, in `data`, and copied into the model and its network.
+# Arguments written once, in `data`, and copied into the model and its network. A model with a first stage gets
+# its network's size from the stage's latent shape instead (DiffusionCLI.before_instantiate_classes).
 DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
     ("data.init_args.image_size", "model.init_args.image_size"),
     ("data.init_args.channels", "model.init_args.channels"),
     ("data.init_args.image_size", "model.init_args.net.init_args.image_size"),
     ("data.init_args.channels", "model.init_args.net.init_args.in_channels"),
 )
+
+
+def set_net_to_latent_shape(model: Namespace) -> None:
+    """Give the network of a model with a first stage the stage's latent (C', H', W') of the data's images."""
+    init_args = model.get("init_args")
+    first_stage = None if init_args is None else init_args.get("first_stage")
+    if first_stage is None:
+        return
+    stage = build(first_stage.as_dict() if isinstance(first_stage, Namespace) else first_stage,
+                  "model.init_args.first_stage")
+    channels, height, _ = stage.latent_shape((init_args.channels, init_args.image_size, init_args.image_size))
+    init_args.net.init_args.in_channels, init_args.net.init_args.image_size = channels, height
 
 
 LIMIT_BATCHES = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
@@ -35,7 +50,7 @@ class DiffusionCLI(LightningCLI):
         """Keep the command line's configuration when ``--ckpt_path`` is given.
 
         LightningCLI would re-parse the config with the hyperparameters stored in the checkpoint, silently
-        overriding e.g. ``--model.init_args.sampler`` or ``sample_steps`` at ``test``/``predict``. The config
+        overriding e.g. ``--model.init_args.sampler`` or ``--model.init_args.sampler.steps`` at ``test``/``predict``. The config
         files and overrides on the command line describe the run; the Trainer still restores the weights.
         """
 
@@ -56,6 +71,10 @@ class DiffusionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for source, target in DATA_TO_MODEL_LINKS:
             parser.link_arguments(source, target)
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        set_net_to_latent_shape(config.model)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionCLI:

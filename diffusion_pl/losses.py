@@ -13,13 +13,14 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_pl.likelihood.vlb import vlb_term
+from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.parameterization import Denoiser, Prediction, target_for
 from diffusion_pl.utils import mean_except_batch
 
 Weighting = Literal["none", "min_snr"]
 
 
-class DenoisingLoss(nn.Module, abc.ABC):
+class DenoisingLoss(Configurable, nn.Module, abc.ABC):
     """Shared skeleton: draw t (and its importance weight), eps and x_t, run the denoiser, score the prediction."""
 
     def forward(self, denoiser: Denoiser, x0: Tensor, *, generator: torch.Generator | None = None,

@@ -40,6 +40,8 @@ class Prediction:
 
 
 DenoiseFn = Callable[[Tensor, Tensor], Prediction]
+#: (x_t, t, **cond) -> Prediction: a denoiser whose bound conditioning a caller may replace (batched CFG does).
+ConditionalDenoiseFn = Callable[..., Prediction]
 
 
 def _coefs(process: ForwardProcess, t: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
@@ -133,9 +135,10 @@ class Denoiser(nn.Module):
         """The same network under another process, e.g. a respaced sub-sequence of this one."""
         return Denoiser(self.net, process, self.kind, self.learned_variance)
 
-    def bind(self, **cond: Any) -> DenoiseFn:
-        """A :data:`DenoiseFn` with conditioning (labels, low-res images, ...) fixed in a closure."""
-        return lambda x_t, t: self(x_t, t, **cond)
+    def bind(self, **cond: Any) -> ConditionalDenoiseFn:
+        """A :data:`DenoiseFn` with conditioning (labels, low-res images, ...) fixed in a closure; called with
+        keyword arguments, those replace the bound ones (classifier-free guidance passes cond and null at once)."""
+        return lambda x_t, t, **override: self(x_t, t, **(override or cond))
 
 
 def clip_denoised(denoise: DenoiseFn, process: ForwardProcess, low: float = -1.0, high: float = 1.0) -> DenoiseFn:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,25 @@ TINY_DATA = [
     "--data.init_args.resize_mode=resize",
     "--data.init_args.batch_size=128",
 ]
-# Discrete (DDPM) configs also get T = 100, so that full chains and full bounds stay cheap.
+# Discrete (DDPM) configs also get T = 100, so that full chains and full bounds stay cheap (and at most 100 sampling
+# steps, which a sampler checks when it is built).
 TINY_DISCRETE = ["--model.init_args.process.init_args.num_steps=100"]
+TINY_STEPS = ["--model.init_args.sampler.steps=100"]
 
 
 def tiny_args(root: Path, *extra: str, config: str = DDPM_FASHION) -> list[str]:
     """CLI arguments (without the subcommand) for a tiny run of ``config`` writing under ``root``."""
     return ["--config", config, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", *TINY_NET, *TINY_DATA,
-            *([] if "DiscreteProcess" not in Path(config).read_text() else TINY_DISCRETE), *extra]
+            *tiny_process(Path(config).read_text()), *extra]
+
+
+def tiny_process(config_text: str) -> list[str]:
+    """The overrides that make a discrete config's process (and its sampler's steps) tiny."""
+    if "DiscreteProcess" not in config_text:
+        return []
+    steps = [int(n) for n in re.findall(r"\n\s+steps: (\d+)", config_text)]
+    return TINY_DISCRETE + (TINY_STEPS if any(n > 100 for n in steps) else [])
 
 
 def tiny_cli(root: Path, *extra: str, config: str = DDPM_FASHION) -> DiffusionCLI:

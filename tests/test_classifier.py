@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +17,9 @@ from diffusion_pl.cli import build_cli
 from diffusion_pl.data import ImageDataModule
 from diffusion_pl.data.sources import ImageData, load_split
 from diffusion_pl.metrics import ClassifierFeatures
-from diffusion_pl.models.classifier import ClassifierModule, load_classifier_net
+from diffusion_pl.models import WarmupLR
+from diffusion_pl.models.classifier import ClassifierModule
+from diffusion_pl.nets.classifier import load_classifier_net
 from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.processes import DiscreteProcess
 from helpers import REPO, tiny_args
@@ -32,7 +36,7 @@ def digits_classifier(process: DiscreteProcess | None = None, time_conditional: 
     net = EncoderClassifier(image_size=8, in_channels=1, num_classes=10, base_channels=16, channel_mult=(1, 2),
                             num_res_blocks=1, attention_resolutions=(4,), time_conditional=time_conditional)
     return ClassifierModule(net, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3), process=process,
-                            image_size=8, channels=1, lr_decay="cosine")
+                            image_size=8, channels=1, lr_scheduler=functools.partial(WarmupLR, decay="cosine"))
 
 
 def quiet_trainer(root: Path, **kwargs: object) -> pl.Trainer:
@@ -84,9 +88,10 @@ def test_module_logs_accuracy_per_noise_level(tmp_path: Path) -> None:
     path = tmp_path / "noisy.ckpt"  # the checkpoint records the process, for guided samplers to check
     trainer.save_checkpoint(path)
     restored = ClassifierModule.load_from_checkpoint(path, map_location="cpu")
-    assert restored.process is None  # not rebuilt, but its marginals are kept
+    assert isinstance(restored.process, DiscreteProcess)  # the checkpoint describes its process, and keeps its marginals
     for name, value in DiscreteProcess(100, "cosine").marginals().items():
         torch.testing.assert_close(restored.process_marginals[name], value)
+        torch.testing.assert_close(restored.process.marginals()[name], value)
 
 
 def test_evaluation_noise_leaves_global_rng_alone(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from diffusion_pl.cli import build_cli
 from diffusion_pl.data.sources import DatasetNotFoundError
+from diffusion_pl.samplers import DDPM
 from helpers import REPO, tiny_args
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
@@ -92,13 +93,13 @@ def test_module_entry_point_matches_console_script() -> None:
 
 
 def test_command_line_overrides_win_over_checkpoint_hyperparameters(tmp_path: Path) -> None:
-    """`predict --ckpt_path X --model.init_args.sample_steps=7` must sample with 7 steps, not the trained value."""
+    """`predict --ckpt_path X --model.init_args.sampler.steps=7` must sample with 7 steps, not the trained value."""
     build_cli(["fit", *tiny_args(tmp_path / "train", "--trainer.max_steps=1", "--trainer.limit_val_batches=0")])
     ckpt = str(next((tmp_path / "train").rglob("last.ckpt")))
-    cli = build_cli(["predict", *tiny_args(tmp_path / "predict", "--model.init_args.sampler=ddpm",
-                                           "--model.init_args.sample_steps=7",
+    cli = build_cli(["predict", *tiny_args(tmp_path / "predict", "--model.init_args.sampler=DDPM",
+                                           "--model.init_args.sampler.steps=7",
                                            "--data.init_args.predict_num_samples=2"), f"--ckpt_path={ckpt}"])
-    assert cli.model.hparams.sampler == "ddpm" and cli.model.hparams.sample_steps == 7
+    assert isinstance(cli.model.sampler, DDPM) and cli.model.sampler.steps == 7
 
 
 @pytest.mark.parametrize("stage", ["train", "val", "test", "predict"])

@@ -133,11 +133,11 @@ class StubModel(pl.LightningModule):
         self.num_classes = num_classes
         self.labels: list[Tensor | None] = []
 
-    def default_labels(self, num_samples: int) -> Tensor | None:
-        return None if self.num_classes is None else torch.arange(num_samples) % self.num_classes
+    def example_batch(self, num_samples: int) -> dict[str, Tensor]:
+        return {} if self.num_classes is None else {"label": torch.arange(num_samples) % self.num_classes}
 
-    def sample(self, num_samples: int, *, generator: torch.Generator, labels: Tensor | None = None) -> Tensor:
-        self.labels.append(labels)
+    def sample(self, num_samples: int, *, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:
+        self.labels.append(batch.get("label"))
         return torch.rand(num_samples, 1, 2, 2, generator=generator) * 2 - 1
 
 
@@ -263,7 +263,7 @@ def test_callback_logs_during_fit_and_reuses_the_cached_reference(tmp_path: Path
     monkeypatch.setattr(fid_module, "reference_statistics", counting)
     cache = tmp_path / "cache"
     cli = tiny_cli(tmp_path / "val", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-                   "--trainer.limit_val_batches=1", "--model.init_args.sample_steps=4")
+                   "--trainer.limit_val_batches=1", "--model.init_args.sampler.steps=4")
     cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, cache))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert {"val/fid", "val/kid", "val/kid_std"} <= set(cli.trainer.callback_metrics)
@@ -271,7 +271,7 @@ def test_callback_logs_during_fit_and_reuses_the_cached_reference(tmp_path: Path
 
     recorder = RecordingLogger()
     cli = tiny_cli(tmp_path / "steps", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
-                   "--model.init_args.sample_steps=4")
+                   "--model.init_args.sampler.steps=4")
     cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, cache, every_n_steps=2))
     cli.trainer.loggers = [*cli.trainer.loggers, recorder]
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -287,7 +287,7 @@ def test_fid_callback_leaves_the_training_run_unchanged(tmp_path: Path, digits_c
     losses = []
     for with_fid in (False, True):
         cli = tiny_cli(tmp_path / f"fid_{with_fid}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
-                       "--trainer.log_every_n_steps=1", "--model.init_args.sample_steps=4")
+                       "--trainer.log_every_n_steps=1", "--model.init_args.sampler.steps=4")
         recorder = LossRecorder()
         cli.trainer.callbacks.append(recorder)
         if with_fid:
@@ -375,7 +375,7 @@ def test_test_subcommand_writes_json_and_ddp_matches_one_process(tmp_path: Path,
     """``diffusion-pl test --ckpt_path``: same FID/KID with 2 gloo processes as with 1, JSON next to the checkpoint."""
     # The command line (config files and overrides), not the checkpoint's hyperparameters, sets the test sampler.
     build_cli(["fit", *tiny_args(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                                 "--model.init_args.sampler=ddpm")])
+                                 "--model.init_args.sampler=DDPM")])
     ckpt = next((tmp_path / "train").rglob("last.ckpt"))
     overlay = overlay_for(digits_classifier_ckpt, tmp_path / "cache", tmp_path)
     report = ckpt.with_suffix(".metrics.json")
@@ -383,14 +383,14 @@ def test_test_subcommand_writes_json_and_ddp_matches_one_process(tmp_path: Path,
     for name, extra in (("single", ["--trainer.devices=1"]),
                         ("ddp", ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"])):
         args = tiny_args(tmp_path / name, "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8", *extra,
-                         "--model.init_args.sampler=ddim", "--model.init_args.sample_steps=5", "--ckpt_path", str(ckpt))
+                         "--model.init_args.sampler=DDIM", "--model.init_args.sampler.steps=5", "--ckpt_path", str(ckpt))
         run_test_subcommand([*args[:2], "--config", str(overlay), *args[2:]])
         results[name] = json.loads(report.read_text())
         report.unlink()
     single, ddp = results["single"], results["ddp"]
     assert single["world_size"] == 1 and ddp["world_size"] == 2 and single["num_samples"] == 24
     assert single["reference"]["extractor"] == "classifier"
-    assert (single["model"]["sampler"], single["model"]["sample_steps"]) == ("ddim", 5)
+    assert (single["model"]["sampler"], single["model"]["sampler/steps"]) == ("DDIM", 5)
     for name in ("test/fid", "test/kid", "test/kid_std"):
         assert ddp["metrics"][name] == pytest.approx(single["metrics"][name], rel=1e-5, abs=1e-7), name
     assert single["metrics"]["test/fid"] > 0

@@ -12,7 +12,8 @@ from analytic import gaussian_denoiser
 from diffusion_pl.guidance import batched_classifier_free, classifier_free, classifier_guidance, log_prob_gradient
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, Prediction, eps_from_x0
 from diffusion_pl.processes import VPSDE, DiscreteProcess, ForwardProcess
-from diffusion_pl.samplers import sample_ddim, sample_ddpm, sample_euler_maruyama, sample_ode, sample_pc
+from diffusion_pl.samplers import (sample_ddim, sample_ddpm, sample_euler_maruyama, sample_ode, sample_pc, sde_times,
+                                   strided_grid)
 from diffusion_pl.utils import append_dims
 
 WEIGHTS = torch.tensor([0.3, 0.7])
@@ -75,7 +76,7 @@ def test_scale_one_samples_the_class_conditional(process: DiscreteProcess, targe
     if sampler == "ddpm":
         x = sample_ddpm(guided, process, x_T, generator=gen)
     else:
-        x = sample_ddim(guided, process, x_T, steps=200, eta=0.0)
+        x = sample_ddim(guided, process, x_T, grid=strided_grid(process.num_steps, 200), eta=0.0)
     assert component_fractions(x)[target].item() > 0.999
     mean_err = (x.mean(0) - MEANS[target]).abs().max().item()
     assert mean_err < 5 * STD / math.sqrt(N) + (0.02 if sampler == "ddim" else 0.0)
@@ -122,7 +123,7 @@ def test_batched_classifier_free_matches_two_passes(process: DiscreteProcess) ->
     denoiser = Denoiser(LabelNet(), process, "eps")
     x_t, t = torch.randn(8, 2), torch.randint(1, 1001, (8,))
     y, null = torch.randint(0, 3, (8,)), torch.full((8,), 3)
-    batched = batched_classifier_free(denoiser, 1.5, {"y": y}, {"y": null})(x_t, t)
+    batched = batched_classifier_free(denoiser.bind(), 1.5, {"y": y}, {"y": null}, process)(x_t, t)
     separate = classifier_free(denoiser.bind(y=y), denoiser.bind(y=null), 1.5, process)(x_t, t)
     torch.testing.assert_close(batched.eps, separate.eps)
     torch.testing.assert_close(batched.x0, separate.x0)
@@ -164,9 +165,12 @@ def test_guidance_gradient_inside_inference_mode_equals_plain_autograd() -> None
 
 
 SDE_SAMPLERS = {
-    "euler_maruyama": lambda den, process, x, gen: sample_euler_maruyama(den, process, x, steps=1000, generator=gen),
-    "pc": lambda den, process, x, gen: sample_pc(den, process, x, steps=500, step_size_norm="batch", generator=gen),
-    "ode": lambda den, process, x, gen: sample_ode(den, process, x, method="heun", steps=100, spacing="log_snr"),
+    "euler_maruyama": lambda den, process, x, gen: sample_euler_maruyama(den, process, x,
+                                                                         grid=sde_times(process, 1000), generator=gen),
+    "pc": lambda den, process, x, gen: sample_pc(den, process, x, grid=sde_times(process, 500), step_size_norm="batch",
+                                                 generator=gen),
+    "ode": lambda den, process, x, gen: sample_ode(den, process, x, method="heun",
+                                                   grid=sde_times(process, 100, "log_snr")),
 }
 
 

@@ -19,9 +19,15 @@ NOISY_CLASSIFIER = str(GUIDANCE / "classifier_fashion_mnist.yaml")
 CLASSIFIER_GUIDED = str(GUIDANCE / "classifier_guided_fashion_mnist.yaml")
 IMPROVED = str(REPO / "configs" / "ddpm" / "fashion_mnist_improved.yaml")  # the model the guided config samples
 
-FIT = ["--trainer.max_steps=20", "--trainer.limit_val_batches=0", "--model.init_args.warmup_steps=0"]
+FIT = ["--trainer.max_steps=20", "--trainer.limit_val_batches=0", "--model.init_args.lr_scheduler.init_args.warmup_steps=0"]
 PREDICT = ["--data.init_args.predict_num_samples=6", "--data.init_args.predict_batch_size=3",
-           "--model.init_args.sample_steps=5"]
+           "--model.init_args.sampler.steps=5"]
+
+
+def classifier_guidance(checkpoint: Path, scale: float = 1.0) -> list[str]:
+    """The command-line override that guides sampling with the noisy classifier of ``checkpoint``."""
+    return [f"--model.init_args.guidance=[{{class_path: Classifier, init_args: {{checkpoint: '{checkpoint}', "
+            f"scale: {scale}}}}}]"]
 
 
 def fit(root: Path, config: str, *extra: str) -> Path:
@@ -50,7 +56,7 @@ def test_classifier_free_predict_targets_the_labels(tmp_path: Path, cfg_checkpoi
     assert guided["samples"].shape == (6, 8, 8, 1) and guided["labels"].tolist() == [3] * 6
     other_label = predict(tmp_path / "w3_y5", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[5]")
     conditional = predict(tmp_path / "w0", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[3]",
-                          "--model.init_args.guidance_scale=0.0")
+                          "--model.init_args.guidance.scale=0.0")
     # Same seeds: the label and the guidance weight are what change the images.
     assert not np.array_equal(guided["samples"], other_label["samples"])
     assert not np.array_equal(guided["samples"], conditional["samples"])
@@ -65,17 +71,17 @@ def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> 
 
     def guided(scale: float) -> dict[str, np.ndarray]:
         return predict(tmp_path / f"scale{scale}", CLASSIFIER_GUIDED, diffusion_ckpt,
-                       f"--model.init_args.classifier_checkpoint={classifier_ckpt}",
-                       f"--model.init_args.classifier_scale={scale}", "--data.init_args.predict_labels=[2,7]")
+                       *classifier_guidance(classifier_ckpt, scale), "--data.init_args.predict_labels=[2,7]")
 
     scale_zero, scale_ten = guided(0.0), guided(10.0)
     assert scale_ten["labels"].tolist() == [2, 7] * 3
     np.testing.assert_array_equal(scale_zero["samples"], unguided["samples"])
     assert not np.array_equal(scale_ten["samples"], unguided["samples"])
-    model = build_cli(tiny_args(tmp_path / "rng", f"--model.init_args.classifier_checkpoint={classifier_ckpt}",
-                                config=CLASSIFIER_GUIDED), run=False).model
+    model = build_cli(tiny_args(tmp_path / "rng", *classifier_guidance(classifier_ckpt), config=CLASSIFIER_GUIDED),
+                      run=False).model
     state = torch.get_rng_state()
-    assert model.guiding_classifier().net.time_conditional
+    model.example_batch(2)  # loads the guide
+    assert model.guidance[0].net.time_conditional
     assert torch.equal(state, torch.get_rng_state())  # loading the guide draws nothing from the global RNG
 
 
@@ -83,7 +89,7 @@ def test_missing_classifier_checkpoint_says_how_to_train_it(tmp_path: Path) -> N
     diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
     with pytest.raises(FileNotFoundError, match="classifier_fashion_mnist.yaml"):
         predict(tmp_path / "guided", CLASSIFIER_GUIDED, diffusion_ckpt,
-                f"--model.init_args.classifier_checkpoint={tmp_path / 'missing.ckpt'}")
+                *classifier_guidance(tmp_path / "missing.ckpt"))
 
 
 def test_classifier_of_another_process_is_refused(tmp_path: Path) -> None:
@@ -93,4 +99,4 @@ def test_classifier_of_another_process_is_refused(tmp_path: Path) -> None:
     diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
     with pytest.raises(ValueError, match="another forward process.*alpha"):
         predict(tmp_path / "guided", CLASSIFIER_GUIDED, diffusion_ckpt,
-                f"--model.init_args.classifier_checkpoint={classifier_ckpt}")
+                *classifier_guidance(classifier_ckpt))

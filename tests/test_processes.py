@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from diffusion_pl.processes import SCHEDULES, VPSDE, DiscreteProcess, SubVPSDE
+from diffusion_pl.processes import SCHEDULES, VESDE, VPSDE, DiscreteProcess, ForwardProcess, SubVPSDE
 from diffusion_pl.processes.base import marginals_mismatch
 
 
@@ -130,3 +130,29 @@ def test_marginals_tell_processes_apart() -> None:
     assert marginals_mismatch(vp, VPSDE().marginals()) is None
     assert "sigma" in marginals_mismatch(vp, SubVPSDE(eps=1e-5).marginals())  # same alpha(t), other sigma(t)
     assert "net_time" in marginals_mismatch(vp, VPSDE(eps=1e-3).marginals())
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_discrete_transition_is_the_product_of_one_step_kernels(schedule: str) -> None:
+    """q(x_t | x_s) of DDPM composes the one-step kernels N(sqrt(1 - beta_k) x, beta_k) for k = s+1..t (Ho et al.
+    2020, eq. 2): a = prod sqrt(1 - beta_k) and v_k = (1 - beta_k) v_{k-1} + beta_k, by a float64 loop over the
+    betas; for s = t - 1 it is the one-step kernel itself."""
+    process = DiscreteProcess(1000, schedule)
+    betas = process.betas.double().tolist()
+    for s, t in ((0, 1), (0, 1000), (9, 10), (499, 500), (999, 1000), (10, 700), (250, 900)):
+        a_ref, v_ref = 1.0, 0.0
+        for k in range(s + 1, t + 1):
+            a_ref, v_ref = a_ref * math.sqrt(1 - betas[k]), (1 - betas[k]) * v_ref + betas[k]
+        a, v = process.transition(torch.tensor([s]), torch.tensor([t]))
+        assert a.item() == pytest.approx(a_ref, rel=1e-5)
+        assert v.item() == pytest.approx(v_ref, rel=1e-3, abs=2e-7)
+    t = torch.arange(1, 1001)
+    a, v = process.transition(t - 1, t)
+    torch.testing.assert_close(a, (1 - process.betas[1:]).sqrt())
+    torch.testing.assert_close(v, process.betas[1:], rtol=1e-3, atol=2e-7)
+
+
+def test_transition_is_defined_once_on_the_base_class() -> None:
+    """Every process inherits ForwardProcess.transition (no subclass keeps its own copy)."""
+    for cls in (DiscreteProcess, VPSDE, SubVPSDE, VESDE):
+        assert cls.transition is ForwardProcess.transition

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
 
 from analytic import gaussian_denoiser
 from diffusion_pl.processes import DiscreteProcess
-from diffusion_pl.samplers import sample_ddim, sample_ddpm, strided_steps
+from diffusion_pl.samplers import ddpm_grid, sample_ddim, sample_ddpm, strided_grid, strided_steps
 
 MEAN = torch.tensor([0.5, -0.3, 0.0])
 STD = torch.tensor([0.2, 0.5, 1.0])
@@ -63,7 +64,8 @@ def test_ddim_50_steps_samples_its_exact_law(eta: float, schedule: str) -> None:
     process = DiscreteProcess(1000, schedule)
     gen = torch.Generator().manual_seed(1)
     x_T = process.prior_sample((N, 3), generator=gen)
-    x = sample_ddim(gaussian_denoiser(MEAN, STD, process), process, x_T, steps=50, eta=eta, generator=gen)
+    x = sample_ddim(gaussian_denoiser(MEAN, STD, process), process, x_T, grid=strided_grid(1000, 50), eta=eta,
+                    generator=gen)
     mean, std = ddim_exact_law(process, 50, eta)
     assert_matches_gaussian(x, mean, std)
 
@@ -85,7 +87,8 @@ def test_ddim_reaches_data_with_fine_grid(eta: float) -> None:
     process = DiscreteProcess(1000, "cosine")
     gen = torch.Generator().manual_seed(2)
     x_T = process.prior_sample((N, 3), generator=gen)
-    x = sample_ddim(gaussian_denoiser(MEAN, STD, process), process, x_T, steps=1000, eta=eta, generator=gen)
+    x = sample_ddim(gaussian_denoiser(MEAN, STD, process), process, x_T, grid=strided_grid(1000, 1000), eta=eta,
+                    generator=gen)
     assert_matches_gaussian(x, MEAN, STD)
 
 
@@ -93,10 +96,11 @@ def test_ddim_eta0_is_deterministic_and_seeded() -> None:
     process = DiscreteProcess(1000, "linear")
     den = gaussian_denoiser(MEAN, STD, process)
     x_T = process.prior_sample((64, 3), generator=torch.Generator().manual_seed(3))
-    first = sample_ddim(den, process, x_T, steps=20, generator=torch.Generator().manual_seed(0))
-    second = sample_ddim(den, process, x_T, steps=20, generator=torch.Generator().manual_seed(99))
+    grid = strided_grid(1000, 20)
+    first = sample_ddim(den, process, x_T, grid=grid, generator=torch.Generator().manual_seed(0))
+    second = sample_ddim(den, process, x_T, grid=grid, generator=torch.Generator().manual_seed(99))
     assert torch.equal(first, second)
-    seeded = [sample_ddim(den, process, x_T, steps=20, eta=1.0, generator=torch.Generator().manual_seed(s))
+    seeded = [sample_ddim(den, process, x_T, grid=grid, eta=1.0, generator=torch.Generator().manual_seed(s))
               for s in (5, 5, 6)]
     assert torch.equal(seeded[0], seeded[1]) and not torch.equal(seeded[0], seeded[2])
 
@@ -105,11 +109,91 @@ def test_ddim_rejects_bad_arguments() -> None:
     process = DiscreteProcess(100, "linear")
     den = gaussian_denoiser(MEAN, STD, process)
     with pytest.raises(ValueError, match="between 1 and T=100"):
-        sample_ddim(den, process, torch.zeros(2, 3), steps=101)
+        sample_ddim(den, process, torch.zeros(2, 3), grid=strided_grid(100, 101))
     with pytest.raises(ValueError, match="eta must be in"):
-        sample_ddim(den, process, torch.zeros(2, 3), steps=10, eta=1.5)
+        sample_ddim(den, process, torch.zeros(2, 3), grid=strided_grid(100, 10), eta=1.5)
 
 
 def test_strided_steps() -> None:
     assert strided_steps(1000, 4).tolist() == [250, 500, 750, 1000]
     assert strided_steps(10, 10).tolist() == list(range(1, 11))
+
+
+def test_grids_of_the_discrete_samplers() -> None:
+    """DDIM's grid is the strided sub-sequence reversed, landing on 0; DDPM's visits every step down to 1."""
+    assert strided_grid(1000, 4).tolist() == [1000, 750, 500, 250, 0]
+    assert strided_grid(1000, 4).dtype == torch.long
+    assert ddpm_grid(5).tolist() == [5, 4, 3, 2, 1]
+    assert ddpm_grid(1000, 3).tolist() == [3, 2, 1]
+    with pytest.raises(ValueError, match="between 1 and T=5"):
+        ddpm_grid(5, 6)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_grid_starting_below_T_continues_from_the_marginal(sampler: str) -> None:
+    """Started from the exact marginal q(x_300) (SDEdit's noised data), the chain from step 300 reaches the data."""
+    process = DiscreteProcess(1000, "cosine")
+    gen = torch.Generator().manual_seed(4)
+    start = torch.full((N,), 300)
+    x0 = MEAN + STD * torch.randn(N, 3, generator=gen)
+    x_start = process.add_noise(x0, start, torch.randn(N, 3, generator=gen))
+    den = gaussian_denoiser(MEAN, STD, process)
+    if sampler == "ddpm":
+        x = sample_ddpm(den, process, x_start, grid=ddpm_grid(1000, 300), generator=gen)
+    else:
+        grid = strided_grid(1000, 1000)
+        x = sample_ddim(den, process, x_start, grid=grid[grid <= 300], eta=1.0, generator=gen)
+    assert_matches_gaussian(x, MEAN, STD)
+
+
+def test_discrete_samplers_reject_bad_grids() -> None:
+    process = DiscreteProcess(100, "linear")
+    den = gaussian_denoiser(MEAN, STD, process)
+    x = torch.zeros(2, 3)
+    for grid in (torch.tensor([100, 98, 1]), torch.tensor([3, 2]), torch.tensor([101, 100]), ddpm_grid(100).float(),
+                 torch.tensor([], dtype=torch.long)):
+        with pytest.raises(ValueError, match="consecutive integer steps"):
+            sample_ddpm(den, process, x, grid=grid)
+    for grid in (torch.tensor([10, 20, 0]), torch.tensor([10, 10, 0]), torch.tensor([5, -1]), torch.tensor([5]),
+                 strided_grid(100, 5)[None]):
+        with pytest.raises(ValueError, match="DDIM needs"):
+            sample_ddim(den, process, x, grid=grid)
+
+
+KNOWN = 0.25
+
+
+def known_first_coordinate(times: list[torch.Tensor]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """A projection that sets coordinate 0 to KNOWN (inpainting by replacement) and records the times it gets."""
+
+    def project(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        times.append(t)
+        x = x.clone()
+        x[:, 0] = KNOWN
+        return x
+
+    return project
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim_eta0", "ddim_eta1"])
+def test_projection_after_every_step(sampler: str) -> None:
+    """project(x, t) runs after every step with the (B,) time just reached and its result is what the next step
+    sees: the known coordinate ends exactly at its value. An identity projection changes nothing, bit for bit."""
+    process = DiscreteProcess(100, "linear")
+    den = gaussian_denoiser(MEAN, STD, process)
+    x_T = process.prior_sample((256, 3), generator=torch.Generator().manual_seed(5))
+    grid = ddpm_grid(100) if sampler == "ddpm" else strided_grid(100, 10)
+    eta = 1.0 if sampler == "ddim_eta1" else 0.0
+
+    def run(project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(6)
+        if sampler == "ddpm":
+            return sample_ddpm(den, process, x_T, grid=grid, generator=gen, project=project)
+        return sample_ddim(den, process, x_T, grid=grid, eta=eta, generator=gen, project=project)
+
+    times: list[torch.Tensor] = []
+    projected = run(known_first_coordinate(times))
+    reached = (grid - 1).tolist() if sampler == "ddpm" else grid[1:].tolist()
+    assert [int(t[0]) for t in times] == reached and all(t.shape == (256,) for t in times)
+    assert bool((projected[:, 0] == KNOWN).all())
+    assert torch.equal(run(lambda x, t: x), run(None))

@@ -39,14 +39,15 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(previous)
 
 SAMPLERS: dict[str, Callable[[DenoiseFn, SDEProcess, torch.Tensor, torch.Generator], torch.Tensor]] = {
-    "euler_maruyama": lambda den, p, x, g: sample_euler_maruyama(den, p, x, steps=500, generator=g),
-    "pc_reverse_diffusion": lambda den, p, x, g: sample_pc(den, p, x, steps=500, step_size_norm="batch",
+    "euler_maruyama": lambda den, p, x, g: sample_euler_maruyama(den, p, x, grid=sde_times(p, 500), generator=g),
+    "pc_reverse_diffusion": lambda den, p, x, g: sample_pc(den, p, x, grid=sde_times(p, 500), step_size_norm="batch",
                                                            generator=g),
-    "reverse_diffusion": lambda den, p, x, g: sample_pc(den, p, x, steps=500, corrector_steps=0, generator=g),
-    "pc_euler_maruyama": lambda den, p, x, g: sample_pc(den, p, x, steps=500, predictor="euler_maruyama",
+    "reverse_diffusion": lambda den, p, x, g: sample_pc(den, p, x, grid=sde_times(p, 500), corrector_steps=0,
+                                                        generator=g),
+    "pc_euler_maruyama": lambda den, p, x, g: sample_pc(den, p, x, grid=sde_times(p, 500), predictor="euler_maruyama",
                                                         step_size_norm="batch", generator=g),
-    "ode_euler": lambda den, p, x, g: sample_ode(den, p, x, method="euler", steps=500),
-    "ode_heun": lambda den, p, x, g: sample_ode(den, p, x, method="heun", steps=100),
+    "ode_euler": lambda den, p, x, g: sample_ode(den, p, x, method="euler", grid=sde_times(p, 500)),
+    "ode_heun": lambda den, p, x, g: sample_ode(den, p, x, method="heun", grid=sde_times(p, 100)),
     "ode_rk45": lambda den, p, x, g: sample_ode(den, p, x, method="rk45", rtol=1e-4, atol=1e-4),
 }
 
@@ -103,8 +104,8 @@ def test_pc_with_per_sample_step_sizes_reaches_gaussian_data() -> None:
     process = VPSDE()
     gen = torch.Generator().manual_seed(2)
     x_T = process.prior_sample((n, dim), generator=gen)
-    x = sample_pc(gaussian_denoiser(mean, torch.full((dim,), std), process), process, x_T, steps=500,
-                  step_size_norm="sample", generator=gen)
+    x = sample_pc(gaussian_denoiser(mean, torch.full((dim,), std), process), process, x_T,
+                  grid=sde_times(process, 500), step_size_norm="sample", generator=gen)
     mean_err = ((x.mean(0) - mean).abs() / (std / math.sqrt(n))).max().item()
     pooled_std_err = abs(x.sub(x.mean(0)).pow(2).mean().sqrt().item() / std - 1)
     assert mean_err < 5, f"means off by {mean_err} standard errors"
@@ -151,12 +152,13 @@ def test_samplers_are_seeded_and_ode_is_deterministic() -> None:
     process = VPSDE()
     den = gaussian_mixture_denoiser(WEIGHTS, MEANS, STDS, process)
     x_T = process.prior_sample((8, 2), generator=torch.Generator().manual_seed(0))
-    runs = [sample_euler_maruyama(den, process, x_T, steps=20, generator=torch.Generator().manual_seed(s))
+    grid = sde_times(process, 20)
+    runs = [sample_euler_maruyama(den, process, x_T, grid=grid, generator=torch.Generator().manual_seed(s))
             for s in (5, 5, 6)]
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
-    pcs = [sample_pc(den, process, x_T, steps=20, generator=torch.Generator().manual_seed(s)) for s in (5, 5)]
+    pcs = [sample_pc(den, process, x_T, grid=grid, generator=torch.Generator().manual_seed(s)) for s in (5, 5)]
     assert torch.equal(pcs[0], pcs[1])
-    odes = [sample_ode(den, process, x_T, steps=20, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
+    odes = [sample_ode(den, process, x_T, grid=grid, generator=torch.Generator().manual_seed(s)) for s in (5, 6)]
     assert torch.equal(odes[0], odes[1])
 
 
@@ -165,9 +167,9 @@ def test_denoise_final_returns_the_tweedie_estimate() -> None:
     process = VESDE(sigma_min=0.05)
     den = gaussian_mixture_denoiser(WEIGHTS, MEANS, STDS, process)
     x_T = process.prior_sample((N, 2), generator=torch.Generator().manual_seed(4))
-    noisy = sample_ode(den, process, x_T, method="heun", steps=100, denoise_final=False)
+    noisy = sample_ode(den, process, x_T, method="heun", grid=sde_times(process, 100), denoise_final=False)
     clean = den(noisy, torch.full((N,), process.t_min)).x0
-    torch.testing.assert_close(sample_ode(den, process, x_T, method="heun", steps=100), clean)
+    torch.testing.assert_close(sample_ode(den, process, x_T, method="heun", grid=sde_times(process, 100)), clean)
     labels = torch.cdist(clean, MEANS).argmin(1)
     var_added = noisy[labels == 0].var(0) - clean[labels == 0].var(0)
     assert bool((var_added > 0.5 * 0.05**2).all())
@@ -178,20 +180,20 @@ def test_rejects_bad_arguments() -> None:
     den = gaussian_mixture_denoiser(WEIGHTS, MEANS, STDS, process)
     x = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="unknown predictor"):
-        sample_pc(den, process, x, predictor="langevin")
+        sample_pc(den, process, x, grid=sde_times(process, 10), predictor="langevin")
     with pytest.raises(ValueError, match="step_size_norm"):
-        sample_pc(den, process, x, step_size_norm="global")
+        sample_pc(den, process, x, grid=sde_times(process, 10), step_size_norm="global")
     with pytest.raises(ValueError, match="unknown ODE method"):
-        sample_ode(den, process, x, method="rk4")
+        sample_ode(den, process, x, grid=sde_times(process, 10), method="rk4")
     with pytest.raises(ValueError, match="at least 1"):
-        sample_euler_maruyama(den, process, x, steps=0)
+        sample_euler_maruyama(den, process, x, grid=sde_times(process, 0))
 
 
 @pytest.mark.parametrize("process", [VPSDE(), SubVPSDE(), VESDE()], ids=["vp", "subvp", "ve"])
 def test_log_snr_grid_takes_equal_log_snr_steps(process: SDEProcess) -> None:
     """From t_max to t_min, strictly decreasing, with log(alpha^2 / sigma^2) rising by the same amount each step;
     "uniform" is the plain linspace."""
-    times = sde_times(process, 12, "log_snr")
+    times = sde_times(process, 12, "log_snr").tolist()
     assert len(times) == 13 and (times[0], times[-1]) == (process.t_max, process.t_min)
     assert all(a > b for a, b in zip(times[:-1], times[1:]))
     t = torch.tensor(times, dtype=torch.float64)
@@ -199,7 +201,8 @@ def test_log_snr_grid_takes_equal_log_snr_steps(process: SDEProcess) -> None:
     increments = torch.diff(snr.log())
     torch.testing.assert_close(increments, torch.full_like(increments, float(snr[-1].log() - snr[0].log()) / 12),
                                rtol=1e-9, atol=1e-9)
-    assert sde_times(process, 4) == torch.linspace(process.t_max, process.t_min, 5, dtype=torch.float64).tolist()
+    uniform = torch.linspace(process.t_max, process.t_min, 5, dtype=torch.float64).tolist()
+    assert sde_times(process, 4).tolist() == uniform
     with pytest.raises(ValueError, match="log_snr"):
         sde_times(process, 4, "karras")  # type: ignore[arg-type]
 
@@ -215,7 +218,7 @@ def test_log_snr_grid_follows_a_narrow_gaussian_more_closely(s: float) -> None:
     ends = torch.tensor([process.t_min, process.t_max], dtype=torch.float64)
     variance = process.alpha(ends) ** 2 * s**2 + process.sigma(ends) ** 2
     exact = x1 * (variance[0] / variance[1]).sqrt()
-    errors = {spacing: (sample_ode(den, process, x1, method="heun", steps=20, spacing=spacing,
+    errors = {spacing: (sample_ode(den, process, x1, method="heun", grid=sde_times(process, 20, spacing),
                                    denoise_final=False) - exact).abs().max().item()
               for spacing in ("uniform", "log_snr")}
     assert errors["log_snr"] < 0.1 * errors["uniform"]
@@ -232,6 +235,100 @@ def test_sde_samplers_on_the_log_snr_grid_sample_the_data(sampler: Callable[...,
     den = gaussian_denoiser(torch.full((1,), 0.3), torch.full((1,), 0.5), process)
     generator = torch.Generator().manual_seed(0)
     x1 = process.prior_sample((20_000, 1), generator=generator)
-    samples = sampler(den, process, x1, steps=100, spacing="log_snr", generator=generator)
+    samples = sampler(den, process, x1, grid=sde_times(process, 100, "log_snr"), generator=generator)
     assert abs(samples.mean().item() - 0.3) < 4 * 0.5 / math.sqrt(20_000) + 0.01
     assert abs(samples.std().item() - 0.5) < 4 * 0.5 / math.sqrt(2 * 20_000) + 0.01
+
+
+@pytest.mark.parametrize("process_cls", [VPSDE, VESDE], ids=["vp", "ve"])
+def test_pc_with_per_sample_step_sizes_stays_bounded_in_two_dimensions(process_cls: type[SDEProcess]) -> None:
+    """Alg. 4-5's per-sample step eps_i = 2 alpha_i (snr ||z|| / ||score||)^2 in 2-D, where ||score|| is often
+    near 0: on the noised mixture at t = 0.5 the unfloored step exceeds the cap 2 alpha_i sigma^2 more than 100-fold
+    for some samples, and without the cap PC's default options threw samples to |x| ~ 20-50. With it every sample is
+    finite and within the data's range, and the components sit at their means.
+
+    Their spread and weights stay biased in 2-D (std about 1.5x, weight 0.38 for 0.3): a step size that depends
+    on x and z changes Langevin's stationary law by O(2 / D) (see the 64-D test above); step_size_norm="batch"
+    samples the mixture (test_sampler_reaches_gaussian_mixture)."""
+    process = process_cls()
+    den = gaussian_mixture_denoiser(WEIGHTS, MEANS, STDS, process)
+    gen = torch.Generator().manual_seed(7)
+    labels = torch.multinomial(WEIGHTS, N, replacement=True, generator=gen)
+    t = torch.full((N,), 0.5)
+    x_t = process.add_noise(MEANS[labels] + STDS[labels, None] * torch.randn(N, 2, generator=gen), t,
+                            torch.randn(N, 2, generator=gen))
+    score_norm = (den(x_t, t).eps / process.sigma(t)[:, None]).norm(dim=1)
+    unfloored_over_cap = (0.16 * torch.randn(N, 2, generator=gen).norm(dim=1) / (process.sigma(t) * score_norm)) ** 2
+    assert unfloored_over_cap.max().item() > 100
+
+    x = sample_pc(den, process, process.prior_sample((N, 2), generator=gen), grid=sde_times(process, 200),
+                  generator=gen)
+    assert bool(torch.isfinite(x).all()) and x.abs().max().item() < 1 + 10 * STDS.max().item()
+    nearest = torch.cdist(x, MEANS).argmin(1)
+    for k in range(len(WEIGHTS)):
+        xs = x[nearest == k]
+        assert (xs.mean(0) - MEANS[k]).abs().max().item() < 5 * 2 * STDS[k].item() / math.sqrt(len(xs)) + MEAN_ALLOWANCE
+
+
+def sde_sample(sampler: str, den: DenoiseFn, process: SDEProcess, x: torch.Tensor, grid: torch.Tensor,
+               project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """One of the SDE/ODE samplers on ``grid`` with a seeded generator and an optional projection."""
+    gen = torch.Generator().manual_seed(8)
+    if sampler == "euler_maruyama":
+        return sample_euler_maruyama(den, process, x, grid=grid, generator=gen, project=project)
+    if sampler == "pc":
+        return sample_pc(den, process, x, grid=grid, corrector_steps=2, generator=gen, project=project)
+    return sample_ode(den, process, x, grid=grid, method=sampler.removeprefix("ode_"), project=project)
+
+
+@pytest.mark.parametrize("sampler", ["euler_maruyama", "pc", "ode_euler", "ode_heun"])
+def test_projection_after_every_step(sampler: str) -> None:
+    """project(x, t) runs after every step (PC: after the predictor and after each corrector step) with the (B,)
+    time just reached, then at t = 0 after the final denoising; a coordinate it fixes ends at its value. An
+    identity projection changes nothing, bit for bit."""
+    process = VPSDE()
+    den = gaussian_mixture_denoiser(WEIGHTS, MEANS, STDS, process)
+    x_T = process.prior_sample((64, 2), generator=torch.Generator().manual_seed(9))
+    grid = sde_times(process, 10)
+    times: list[torch.Tensor] = []
+
+    def project(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        times.append(t)
+        return torch.stack([torch.full_like(x[:, 0], 0.25), x[:, 1]], dim=1)
+
+    projected = sde_sample(sampler, den, process, x_T, grid, project)
+    visits = 3 if sampler == "pc" else 1
+    expected = [t for t in grid[1:].tolist() for _ in range(visits)] + [0.0]
+    assert [t[0].item() for t in times] == pytest.approx(expected) and all(t.shape == (64,) for t in times)
+    assert bool((projected[:, 0] == 0.25).all())
+    assert torch.equal(sde_sample(sampler, den, process, x_T, grid, lambda x, t: x),
+                       sde_sample(sampler, den, process, x_T, grid, None))
+
+
+def test_ode_sampler_grid_rules() -> None:
+    """Fixed-step methods need a grid; rk45 takes only its end points and refuses a per-step projection."""
+    process = VPSDE()
+    den = gaussian_mixture_denoiser(WEIGHTS, MEANS, STDS, process)
+    x = process.prior_sample((8, 2), generator=torch.Generator().manual_seed(10))
+    with pytest.raises(ValueError, match="needs a grid"):
+        sample_ode(den, process, x, method="heun")
+    with pytest.raises(ValueError, match="fixed-step ODE method"):
+        sample_ode(den, process, x, method="rk45", project=lambda x, t: x)
+    ends = torch.tensor([process.t_max, process.t_min], dtype=torch.float64)
+    assert torch.equal(sample_ode(den, process, x, method="rk45", grid=ends),
+                       sample_ode(den, process, x, method="rk45"))
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample_euler_maruyama(den, process, x, grid=sde_times(process, 10).flip(0))
+
+
+def test_sde_grid_starting_below_t_max_continues_from_the_marginal() -> None:
+    """Euler–Maruyama from the exact noised mixture at t = 0.3 down a grid that starts there reaches the data."""
+    process = VPSDE()
+    gen = torch.Generator().manual_seed(11)
+    labels = torch.multinomial(WEIGHTS, N, replacement=True, generator=gen)
+    x0 = MEANS[labels] + STDS[labels, None] * torch.randn(N, 2, generator=gen)
+    x_start = process.add_noise(x0, torch.full((N,), 0.3), torch.randn(N, 2, generator=gen))
+    grid = torch.linspace(0.3, process.t_min, 151, dtype=torch.float64)
+    x = sample_euler_maruyama(gaussian_mixture_denoiser(WEIGHTS, MEANS, STDS, process), process, x_start, grid=grid,
+                              generator=gen)
+    assert_matches_mixture(x, process)

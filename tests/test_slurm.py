@@ -262,14 +262,14 @@ def dry_run(tmp_path: Path, *args: str) -> str:
 def test_submit_script_for_multi_node_gpu_job(tmp_path: Path) -> None:
     script = dry_run(tmp_path, "--nodes", "2", "--gpus-per-node", "4", "--time", "24:00:00", "--partition", "gpu",
                      "--account", "proj", "--signal-seconds", "300", "--sbatch-option", "qos=high",
-                     "--sbatch-option", "exclusive", "--trainer.max_steps=1000", "--", "--model.init_args.eta=0.5")
+                     "--sbatch-option", "exclusive", "--trainer.max_steps=1000", "--", "--model.init_args.sampler.eta=0.5")
     for directive in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--time=24:00:00", "--partition=gpu",
                       "--account=proj", "--signal=USR1@300", "--requeue", "--open-mode=append", "--qos=high",
                       "--exclusive", f"--output={tmp_path / 'run'}/slurm-%j.out", "--job-name=ddpm_fashion_mnist"):
         assert f"#SBATCH {directive}\n" in script
     for argument in ("--trainer.num_nodes=2", "--trainer.devices=4", "--trainer.accelerator=gpu",
                      "--trainer.strategy=ddp", f"--trainer.default_root_dir={tmp_path / 'run'}",
-                     "--trainer.max_steps=1000", "--model.init_args.eta=0.5",
+                     "--trainer.max_steps=1000", "--model.init_args.sampler.eta=0.5",
                      "--trainer.callbacks+=diffusion_pl.callbacks.preemption.SlurmRequeue"):
         assert argument in script
     assert "srun --kill-on-bad-exit=1" in script and script.rstrip().endswith('exit "${status}"')

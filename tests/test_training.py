@@ -97,7 +97,7 @@ def test_ema_matches_closed_form_and_is_checkpointed(tmp_path: Path) -> None:
 def test_tensorboard_has_loss_and_sample_images(tmp_path: Path) -> None:
     _, cli = fit(tmp_path, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1",
                  "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-                 "--model.init_args.sample_steps=5", grid={"every_n_steps": 2, "num_samples": 4})
+                 "--model.init_args.sampler.steps=5", grid={"every_n_steps": 2, "num_samples": 4})
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
@@ -118,8 +118,8 @@ def test_predict_writes_grid_and_npz_reproducibly(tmp_path: Path) -> None:
     for name, batch_size in (("a", 3), ("b", 5)):
         out = tmp_path / name
         cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=7",
-                       f"--data.init_args.predict_batch_size={batch_size}", "--model.init_args.sampler=ddim",
-                       "--model.init_args.sample_steps=10", "--model.init_args.eta=0.0")
+                       f"--data.init_args.predict_batch_size={batch_size}", "--model.init_args.sampler=DDIM",
+                       "--model.init_args.sampler.steps=10", "--model.init_args.sampler.eta=0.0")
         set_callback(cli, SampleWriter, output_dir=str(out))
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, return_predictions=False)
         samples = np.load(out / "samples.npz")["samples"]
@@ -149,25 +149,25 @@ def test_improved_config_logs_val_bpd_and_test_reports_full_bound(tmp_path: Path
 VP = str(Path(__file__).resolve().parent.parent / "configs" / "sde" / "vp_fashion_mnist.yaml")
 
 
-@pytest.mark.parametrize("sampler", ["euler_maruyama", "pc", "ode"])
+@pytest.mark.parametrize("sampler", ["EulerMaruyama", "PredictorCorrector", "ODE"])
 def test_sde_model_samples_and_reports_ode_bpd(tmp_path: Path, sampler: str) -> None:
-    own_options = [] if sampler == "ode" else ["--model.init_args.sampler_options={}"]  # the config's are the ODE's
+    own_options = [] if sampler == "ODE" else [f"--model.init_args.sampler={sampler}"]  # the config's are the ODE's
     cli = tiny_cli(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.limit_test_batches=1",
-                   "--data.init_args.batch_size=8", f"--model.init_args.sampler={sampler}",
-                   "--model.init_args.sample_steps=4", *own_options,
-                   "--model.init_args.likelihood_options={method: euler, steps: 2}", config=VP)
-    if sampler == "ode":
-        assert cli.model.hparams.sampler_options == {"method": "heun", "spacing": "log_snr"}
+                   "--data.init_args.batch_size=8", *own_options, "--model.init_args.sampler.steps=4",
+                   "--model.init_args.likelihood.ode_options={method: euler, steps: 2}", config=VP)
+    assert type(cli.model.sampler).__name__ == sampler and cli.model.sampler.steps == 4
+    if sampler == "ODE":
+        assert (cli.model.sampler.method, cli.model.sampler.spacing) == ("heun", "log_snr")
     set_callback(cli, SampleGrid, every_n_steps=0, num_samples=3)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     images = cli.model.sample(3, generator=torch.Generator().manual_seed(0))
     assert images.shape == (3, 1, 8, 8) and bool(torch.isfinite(images).all())
-    if sampler == "ode":
+    if sampler == "ODE":
         (results,) = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path="last")
         # An untrained model: a poor but finite likelihood; 8-bit data under a uniform model is 8 bits/dim.
         assert math.isfinite(results["test/bpd_ode"]) and results["test/bpd_ode"] > 0
 
 
 def test_sampler_process_mismatch_is_explained(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="needs a discrete"):
-        tiny_cli(tmp_path, "--model.init_args.sampler=ddim", config=VP)
+    with pytest.raises(ValueError, match="DDPM samples a DiscreteProcess"):
+        tiny_cli(tmp_path, "--model.init_args.sampler=DDPM", config=VP)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_pl.nets import UNet
-from diffusion_pl.nets.unet import SinusoidalEmbedding, group_norm
+from diffusion_pl.nets.unet import SinusoidalEmbedding, SpatialTransformer, group_norm
 
 TINY = dict(
     image_size=8, in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
@@ -188,3 +188,222 @@ def test_time_embedding_changes_the_output() -> None:
 def test_group_norm_keeps_two_channels_per_group(channels: int, groups: int) -> None:
     """32 groups as in Ho et al., but never one channel per group (which would erase the time bias)."""
     assert group_norm(channels).num_groups == groups
+
+
+# --- Conditioning routes: cond_level, vector, context (cross-attention) ---
+
+ROUTES = dict(cond_level_embedding=True, vector_dim=6, context_dim=5, cross_attention_resolutions=(8, 4))
+
+
+def route_inputs(batch: int = 2, tokens: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded inputs for every new route of a net built with ``ROUTES``."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "cond_level": torch.rand(batch, generator=gen) * 999,
+        "vector": torch.randn(batch, 6, generator=gen),
+        "context": torch.randn(batch, tokens, 5, generator=gen),
+    }
+
+
+def new_route_parameters(net: UNet) -> set[int]:
+    """ids of the parameters of the optional routes' layers."""
+    layers = [m for m in net.modules() if isinstance(m, SpatialTransformer)]
+    layers += [m for m in (net.cond_level_embed, net.vector_embed) if m is not None]
+    return {id(p) for layer in layers for p in layer.parameters()}
+
+
+def existing_parameters(net: UNet) -> list[torch.Tensor]:
+    new = new_route_parameters(net)
+    return [p for p in net.parameters() if id(p) not in new]
+
+
+def fingerprint(net: UNet, extra: dict) -> tuple[float, ...]:
+    """Checksums of the initial state_dict and of the output once the all-zero parameters are opened."""
+    flat = torch.cat([v.detach().double().flatten() for v in net.state_dict().values()])
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.fill_(0.05)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, net.in_channels, 8, 8, generator=gen)
+    kwargs = {k: v(gen) if callable(v) else v for k, v in extra.items()}
+    out = net.eval()(x, torch.tensor([3.0, 700.0]), **kwargs).double().flatten()
+    ramp = lambda n: torch.linspace(-1.0, 1.0, n, dtype=torch.float64)  # noqa: E731
+    return (
+        len(net.state_dict()), flat.numel(), flat.sum().item(), (flat * ramp(flat.numel())).sum().item(),
+        out.sum().item(), (out * ramp(out.numel())).sum().item(),
+    )
+
+
+BIG = dict(
+    num_classes=3, cond_channels=2, learn_sigma=True, resblock_updown=True, channel_mult=(1, 2, 2),
+    attention_resolutions=(8, 2),
+)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "extra", "expected"),
+    [
+        ({}, {}, (128, 44969, 320.21625481314186, 9.671039897209866, 121.62874496355653, -5.259503095726092)),
+        (
+            BIG, {"y": torch.tensor([0, 3]), "cond": lambda g: torch.randn(2, 2, 8, 8, generator=g)},
+            (217, 81906, 600.1192271611562, 5.307295151453388, 222.27441492304206, -8.733488021834807),
+        ),
+    ],
+)
+def test_existing_constructors_keep_init_and_outputs(overrides: dict, extra: dict, expected: tuple) -> None:
+    """Numbers recorded with the UNet before the cond_level / vector / context routes existed."""
+    got = fingerprint(tiny(**overrides), extra)
+    assert got[:2] == expected[:2]
+    torch.testing.assert_close(got[2:4], expected[2:4], rtol=1e-12, atol=1e-9)  # the weights are bit-identical
+    torch.testing.assert_close(got[4:], expected[4:], rtol=1e-5, atol=1e-5)  # float32 forward on any CPU
+
+
+@pytest.mark.parametrize(
+    "routes",
+    [{"cond_level_embedding": True}, {"vector_dim": 6}, {"context_dim": 5}, ROUTES],
+)
+def test_new_routes_leave_the_existing_layers_init_unchanged(routes: dict) -> None:
+    """The routes' layers are created last: the other layers draw bit-identical initial weights."""
+    base, net = existing_parameters(tiny(**BIG)), tiny(**BIG, **routes)
+    assert new_route_parameters(net)
+    with_routes = existing_parameters(net)
+    assert len(with_routes) == len(base)
+    assert all(torch.equal(a, b) for a, b in zip(base, with_routes))
+
+
+def test_fresh_cross_attention_is_exactly_the_identity() -> None:
+    """proj_out is zero-initialised (Rombach et al. 2022): a fresh net's output is exactly independent of context."""
+    base = randomize_(tiny()).eval()
+    net = tiny(context_dim=5, cross_attention_resolutions=(8, 4)).eval()
+    with torch.no_grad():
+        for p, q in zip(existing_parameters(net), base.parameters(), strict=True):
+            p.copy_(q)
+        for block in (m for m in net.modules() if isinstance(m, SpatialTransformer)):
+            for name, p in block.named_parameters():
+                if not name.startswith("proj_out"):
+                    p.normal_(0.0, 0.2)
+                else:
+                    assert not p.any()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 400])
+    out = net(x, t, context=torch.randn(2, 7, 5))
+    assert out.abs().sum() > 0
+    assert torch.equal(out, net(x, t, context=torch.randn(2, 3, 5)))
+    assert torch.equal(out, base(x, t))
+
+
+def test_cross_attention_placement_and_default_resolutions() -> None:
+    """A SpatialTransformer per res block at the cross-attention resolutions, plus one in the middle."""
+    count_blocks = lambda net: sum(isinstance(m, SpatialTransformer) for m in net.modules())  # noqa: E731
+    net = tiny(context_dim=5)  # defaults to attention_resolutions=(4,): 1 down + middle + 2 up
+    assert net.cross_attention_resolutions == (4,)
+    assert count_blocks(net) == 4
+    assert count_blocks(tiny(context_dim=5, cross_attention_resolutions=(8, 4))) == 7
+    assert count_blocks(tiny(context_dim=5, attention_resolutions=())) == 1  # the middle block only
+    assert count_blocks(tiny()) == 0 and tiny().cross_attention_resolutions == ()
+    assert tiny(context_dim=5, resblock_updown=True, channel_mult=(1, 2, 2))(
+        torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), context=torch.randn(2, 3, 5)
+    ).shape == (2, 1, 8, 8)
+
+
+@pytest.mark.parametrize("route", ["cond_level", "vector", "context"])
+def test_each_route_changes_the_output(route: str) -> None:
+    net = randomize_(tiny(**ROUTES)).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 400])
+    inputs = route_inputs()
+    out = net(x, t, **inputs)
+    inputs[route] = route_inputs(seed=1)[route]
+    assert not torch.allclose(out, net(x, t, **inputs), atol=1e-4)
+
+
+def test_scalar_cond_level_is_broadcast() -> None:
+    net = randomize_(tiny(cond_level_embedding=True)).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 400])
+    scalar, batched = torch.tensor(250.0), torch.tensor([250.0, 250.0])
+    torch.testing.assert_close(net(x, t, cond_level=scalar), net(x, t, cond_level=batched))
+
+
+def test_cross_attention_attends_over_the_tokens() -> None:
+    """Attention is permutation-invariant over keys: shuffling the tokens keeps the output, changing one changes it."""
+    net = randomize_(tiny(context_dim=5, cross_attention_resolutions=(8, 4))).eval()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 400])
+    context = torch.randn(2, 6, 5)
+    out = net(x, t, context=context)
+    torch.testing.assert_close(net(x, t, context=context[:, torch.randperm(6)]), out, rtol=1e-5, atol=1e-5)
+    changed = context.clone()
+    changed[:, 2] += 1.0
+    assert not torch.allclose(net(x, t, context=changed), out, atol=1e-4)
+
+
+def test_all_routes_together_shape_and_gradient_to_context() -> None:
+    net = randomize_(tiny(**ROUTES, num_classes=3, cond_channels=2, learn_sigma=True))
+    inputs = route_inputs(batch=3)
+    context = inputs.pop("context").requires_grad_()
+    out = net(
+        torch.randn(3, 1, 8, 8), torch.tensor([1, 10, 999]), torch.tensor([0, 2, 3]), torch.randn(3, 2, 8, 8),
+        context=context, **inputs,
+    )
+    assert out.shape == (3, 2, 8, 8)
+    out.square().sum().backward()
+    assert context.grad is not None and context.grad.abs().sum() > 0
+
+
+def test_every_route_parameter_trains() -> None:
+    """From the zero-initialised start, every parameter of every route gets a gradient within three steps."""
+    net = tiny(**ROUTES, num_classes=3, cond_channels=1, learn_sigma=True)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    gen = torch.Generator().manual_seed(0)
+    x, cond, target = (torch.randn(4, c, 8, 8, generator=gen) for c in (1, 1, 2))
+    inputs = route_inputs(batch=4)
+    t, y = torch.tensor([1, 250, 500, 999]), torch.tensor([0, 1, 2, 3])
+    for step in range(3):
+        opt.zero_grad()
+        (net(x, t, y=y, cond=cond, **inputs) - target).square().mean().backward()
+        if step == 2:
+            dead = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+            assert not dead, dead
+        opt.step()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "inputs", "message"),
+    [
+        ({}, {"cond_level": torch.ones(2)}, r"got cond_level .*built without its route; set cond_level_embedding=True"),
+        ({"cond_level_embedding": True}, {}, r"built with cond_level_embedding=True but cond_level is missing"),
+        ({"cond_level_embedding": True}, {"cond_level": torch.ones(3)}, r"cond_level of shape \(2,\) or a scalar"),
+        ({}, {"vector": torch.ones(2, 6)}, r"got vector of shape \(2, 6\) but .* set vector_dim"),
+        ({"vector_dim": 6}, {}, r"built with vector_dim=6 but vector is missing; pass vector of shape \(2, 6\)"),
+        ({"vector_dim": 6}, {"vector": torch.ones(2, 5)}, r"vector of shape \(2, vector_dim=6\), got \(2, 5\)"),
+        ({}, {"context": torch.ones(2, 3, 5)}, r"got context of shape \(2, 3, 5\) but .* set context_dim"),
+        ({"context_dim": 5}, {}, r"context_dim=5 \(cross-attention\) but context is missing.*never falls back"),
+        ({"context_dim": 5}, {"context": torch.ones(2, 3, 4)}, r"\(2, M, context_dim=5\).*got \(2, 3, 4\)"),
+        ({"context_dim": 5}, {"context": torch.ones(2, 5)}, r"context of shape \(2, M, context_dim=5\)"),
+        ({"context_dim": 5}, {"context": torch.ones(3, 2, 5)}, r"context of shape \(2, M, context_dim=5\)"),
+        ({"context_dim": 5}, {"context": torch.ones(2, 0, 5)}, r"M >= 1 tokens"),
+    ],
+)
+def test_route_mismatch_at_forward(overrides: dict, inputs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), **inputs)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"cross_attention_resolutions": (4,)}, r"cross_attention_resolutions=\(4,\).*needs context_dim"),
+        ({"transformer_heads": 2}, r"transformer_heads=2 configure cross-attention, which needs context_dim"),
+        ({"context_dim": 5, "cross_attention_resolutions": (16,)}, r"cross_attention_resolutions=\(16,\) contains"),
+        ({"context_dim": 5, "transformer_heads": 3}, r"transformer_heads=3 does not divide the channel counts \[16\]"),
+        ({"context_dim": 5, "cross_attention_resolutions": (8,), "transformer_heads": 16}, r"\[8, 16\]"),
+        ({"context_dim": 0}, r"context_dim=0: give the positive width"),
+        ({"vector_dim": -1}, r"vector_dim=-1: give the positive width"),
+    ],
+)
+def test_bad_route_options(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny(**overrides)
+
+
+def test_spatial_transformer_never_self_attends() -> None:
+    with pytest.raises(ValueError, match=r"needs context .* never self-attends"):
+        SpatialTransformer(8, 5, 2)(torch.randn(1, 8, 4, 4), None)

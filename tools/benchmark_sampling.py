@@ -1,11 +1,13 @@
 """Benchmark: seconds per image of each sampler for a trained checkpoint, through `diffusion-pl predict`.
 
     python3 tools/benchmark_sampling.py --config configs/sde/vp_fashion_mnist.yaml --ckpt_path CKPT \
-        --sampler euler_maruyama:1000 --sampler pc:1000 --num-images 64 --model.init_args.sampler_options=null
+        --sampler EulerMaruyama:1000 --sampler PredictorCorrector:1000 --num-images 64
 
-Each ``--sampler NAME[:STEPS]`` runs once as a warm-up on one batch, then predicts ``--num-images`` images; the
-table gives the wall time of the second run divided by the number of images, with the grid it wrote. Other
-arguments are passed to the CLI (sampler options, ``--trainer.accelerator=gpu``, ...).
+Each ``--sampler NAME[:STEPS]`` (NAME a sampler class of :mod:`diffusion_pl.samplers`: DDPM, DDIM, EulerMaruyama,
+PredictorCorrector, ODE; STEPS its ``steps``) runs once as a warm-up on one batch, then predicts ``--num-images``
+images; the table gives the wall time of the second run divided by the number of images, with the grid it wrote.
+Other arguments are passed to the CLI (``--model.init_args.sampler.init_args.snr=0.1``,
+``--trainer.accelerator=gpu``, ...).
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from diffusion_pl.cli import build_cli
 def predict_seconds(config: str, ckpt_path: str, sampler: str, steps: str | None, num_images: int,
                     output_dir: Path, extra: list[str]) -> float:
     """Wall-clock seconds of `predict` for ``num_images`` images with ``sampler`` (``steps`` or its default)."""
-    args = ["--config", config, f"--model.init_args.sampler={sampler}",
+    args = ["--config", config, f"--model.init_args.sampler=diffusion_pl.samplers.{sampler}",
             f"--data.init_args.predict_num_samples={num_images}", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={output_dir}", *extra]
     if steps is not None:
-        args.append(f"--model.init_args.sample_steps={steps}")
+        args.append(f"--model.init_args.sampler.init_args.steps={steps}")
     cli = build_cli(args, run=False)
     writer = next(c for c in cli.trainer.callbacks if isinstance(c, SampleWriter))
     writer.output_dir = str(output_dir)

@@ -27,6 +27,7 @@ from diffusion_pl.metrics.reference import (
     default_cache_dir,
     reference_statistics,
 )
+from diffusion_pl.models.hparams import flatten
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +50,10 @@ def batch_seed(seed: int, start: int) -> int:
     return (seed * _MIX_SEED + start) % (1 << 63)
 
 
-def sample_labels(module: pl.LightningModule, start: int, stop: int) -> Tensor | None:
-    """Target classes of samples ``start .. stop - 1`` for a class-conditional or guided model: the model's own
-    cycling order (``default_labels``, as in the sample grids), so the classes are balanced; None otherwise."""
-    default_labels = getattr(module, "default_labels", None)
-    labels = None if default_labels is None else default_labels(stop)
-    return None if labels is None else labels[start:]
+def sample_conditions(module: pl.LightningModule, start: int, stop: int) -> dict[str, Tensor]:
+    """Conditions of samples ``start .. stop - 1``: the model's own balanced ``example_batch`` (as in the sample
+    grids, e.g. labels cycling through the classes), so a sample's condition does not depend on the batching."""
+    return {key: value[start:] for key, value in module.example_batch(stop).items()}
 
 
 @dataclass
@@ -82,7 +81,7 @@ class FID(pl.Callback):
     """FID and KID (and the Inception Score with the Inception extractor) of the EMA model's samples.
 
     ``num_samples`` images are generated with the model's ``sample(n, generator=...)`` (so with its configured
-    sampler and steps, e.g. ``--model.init_args.sampler=ddim --model.init_args.sample_steps=50``; class-balanced
+    sampler and steps, e.g. ``--model.init_args.sampler=DDIM --model.init_args.sampler.steps=50``; class-balanced
     ``labels`` for conditional or guided models) and the EMA weights while fitting. Batches are global
     ``[start, start + batch_size)`` index ranges, dealt to the DDP ranks in contiguous runs, and each batch's
     generator is seeded from ``(seed, start)``: the images, hence the metrics, do not depend on the number of
@@ -216,8 +215,7 @@ class FID(pl.Callback):
         for start, stop in rank_batches(self.num_samples, self.batch_size, rank, world_size):
             began = time.perf_counter()
             generator = torch.Generator(device=device).manual_seed(batch_seed(self.seed, start))
-            labels = sample_labels(module, start, stop)
-            images = module.sample(stop - start, generator=generator, **({} if labels is None else {"labels": labels}))
+            images = module.sample(stop - start, batch=sample_conditions(module, start, stop), generator=generator)
             _synchronize(device)
             sampled = time.perf_counter()
             with torch.no_grad():
@@ -310,8 +308,7 @@ class FID(pl.Callback):
             path = Path(ckpt_path).with_suffix(".metrics.json")
         else:
             path = Path(trainer.log_dir or trainer.default_root_dir) / "metrics.json"
-        model = {k: v for k, v in pl_module.hparams.items()
-                 if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+        model = flatten({k: v for k, v in pl_module.hparams.items() if not k.startswith("_")}, "")
         report = {
             "checkpoint": None if not ckpt_path else str(Path(ckpt_path).resolve()),
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")},

@@ -30,15 +30,14 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     return path
 
 
-def save_npz(images: Tensor, path: str | Path, labels: Tensor | None = None) -> Path:
-    """Write uint8 images as ``samples`` (N, H, W, C) in an .npz, the layout FID tools expect, atomically; the
-    target class of each image as ``labels`` (N,) when given."""
+def save_npz(images: Tensor, path: str | Path, **conditions: Tensor) -> Path:
+    """Write uint8 images as ``samples`` (N, H, W, C) in an .npz, the layout FID tools expect, atomically, with each
+    image's conditions beside them (e.g. ``labels``, its target class, (N,))."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {"samples": images.permute(0, 2, 3, 1).cpu().numpy()}
-    if labels is not None:
-        arrays["labels"] = labels.cpu().numpy()
+    arrays.update({name: value.cpu().numpy() for name, value in conditions.items()})
     np.savez(tmp, **arrays)
     os.replace(tmp, path)
     return path

@@ -20,6 +20,8 @@ log = logging.getLogger(__name__)
 class SampleGrid(pl.Callback):
     """Every ``every_n_steps`` optimizer steps (and when training ends) sample a grid from the same seed.
 
+    The module follows the sampling protocol of :class:`~diffusion_pl.models.DiffusionModule`: ``example_batch(n)``
+    gives balanced conditions (e.g. labels cycling through the classes) and ``sample(n, batch=...)`` the images.
     Sampling runs on global rank 0 only and calls no collective, so other DDP ranks are never waited
     on; they simply reach the next gradient all-reduce earlier. The EMA weights are used when an EMA
     callback is present. The grid goes to every TensorBoard logger as image ``samples`` and, when
@@ -64,8 +66,8 @@ class SampleGrid(pl.Callback):
         was_training = module.training
         module.eval()
         generator = torch.Generator(device=module.device).manual_seed(self.seed)
-        labels = module.default_labels(self.num_samples) if hasattr(module, "default_labels") else None
-        images = to_uint8(module.sample(self.num_samples, generator=generator, labels=labels))
+        batch = module.example_batch(self.num_samples)
+        images = to_uint8(module.sample(self.num_samples, batch=batch, generator=generator))
         module.train(was_training)
         grid = uint8_grid(images, self.nrow)
         for logger in trainer.loggers:

@@ -136,7 +136,7 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(
                 "source 'image_folder' needs a folder: pass `data.root=/path/to/images` (one subfolder per class)"
             )
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the model logs the run's hyperparameters with its metrics
         self._class_names: tuple[str, ...] | None = None
         self.train_set: ImageDataset | None = None
         self.val_set: ImageDataset | None = None

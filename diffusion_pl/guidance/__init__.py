@@ -1,7 +1,8 @@
-"""Guidance: DenoiseFn -> DenoiseFn wrappers that work unchanged with every sampler."""
+"""Guidance: DenoiseFn -> DenoiseFn wrappers that work unchanged with every sampler, and the configured parts."""
 
 from diffusion_pl.guidance.classifier import classifier_guidance, log_prob_gradient
 from diffusion_pl.guidance.classifier_free import batched_classifier_free, classifier_free, combine_guided
+from diffusion_pl.guidance.parts import PROCESS_MARGINALS_KEY, Classifier, ClassifierFree, Guidance
 
-__all__ = ["batched_classifier_free", "classifier_free", "classifier_guidance", "combine_guided",
-           "log_prob_gradient"]
+__all__ = ["Classifier", "ClassifierFree", "Guidance", "PROCESS_MARGINALS_KEY", "batched_classifier_free",
+           "classifier_free", "classifier_guidance", "combine_guided", "log_prob_gradient"]

@@ -15,8 +15,11 @@ LogProbFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def log_prob_gradient(log_prob: LogProbFn, x_t: Tensor, t: Tensor) -> Tensor:
-    """grad_x sum_i log p(y_i | x_t,i), computed in float32 even inside a no_grad or inference-mode sampler (as
-    Lightning's ``predict`` runs) or under autocast."""
+    """grad_x sum_i f(x_t,i, t_i) for a per-sample scalar f such as log p(y_i | x_t,i), computed in float32 even
+    inside a no_grad or inference-mode sampler (as Lightning's ``predict`` runs) or under autocast.
+
+    Autograd is on inside ``f``, so ``f`` may run the denoiser itself: a similarity of its predicted x0 (CLIP
+    guidance on x0) is differentiated through the network."""
     with torch.inference_mode(False), torch.enable_grad():
         x = x_t.detach().float().clone().requires_grad_(True)  # a clone made here is a normal tensor
         total = log_prob(x, t.clone()).float().sum()

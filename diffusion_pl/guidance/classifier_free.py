@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from diffusion_pl.parameterization import Denoiser, DenoiseFn, Prediction, x0_from_eps
+from diffusion_pl.parameterization import ConditionalDenoiseFn, DenoiseFn, Prediction, x0_from_eps
 from diffusion_pl.processes.base import ForwardProcess
 
 
@@ -26,23 +24,26 @@ def classifier_free(cond: DenoiseFn, uncond: DenoiseFn, w: float, process: Forwa
     return lambda x_t, t: combine_guided(cond(x_t, t), uncond(x_t, t), w, x_t, t, process)
 
 
-def batched_classifier_free(denoiser: Denoiser, w: float, cond: dict[str, Any], null_cond: dict[str, Any]) -> DenoiseFn:
+def batched_classifier_free(denoise: ConditionalDenoiseFn, w: float, cond: dict[str, Tensor],
+                            null_cond: dict[str, Tensor], process: ForwardProcess) -> DenoiseFn:
     """Classifier-free guidance with the conditional and unconditional passes in one batched forward.
 
     Args:
-        denoiser: A conditional denoiser trained with condition dropout.
-        w: Guidance weight (0: conditional, larger: sharper class adherence).
+        denoise: A conditional denoiser trained with condition dropout, called as ``denoise(x_t, t, **cond)``
+            (e.g. ``Denoiser.bind()``).
+        w: Guidance weight (0: conditional, larger: sharper adherence to the condition).
         cond: The conditioning keyword arguments, batched like x_t (e.g. ``{"y": labels}``).
         null_cond: The "no condition" arguments, same shapes (e.g. ``{"y": null labels}``).
+        process: The forward process (x0 is recomputed from the guided eps).
     """
     both = {key: torch.cat([cond[key], null_cond[key]]) for key in cond}
 
     def guided(x_t: Tensor, t: Tensor) -> Prediction:
-        pred = denoiser(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)
+        pred = denoise(torch.cat([x_t, x_t]), torch.cat([t, t]), **both)
         n = x_t.shape[0]
         log_var = None if pred.log_var is None else pred.log_var[:n]
         c = Prediction(x0=pred.x0[:n], eps=pred.eps[:n], log_var=log_var)
         u = Prediction(x0=pred.x0[n:], eps=pred.eps[n:])
-        return combine_guided(c, u, w, x_t, t, denoiser.process)
+        return combine_guided(c, u, w, x_t, t, process)
 
     return guided

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from diffusion_pl.metrics.extractor import FeatureExtractor, Features
-from diffusion_pl.models.classifier import load_classifier_net
+from diffusion_pl.nets.classifier import load_classifier_net
 
 
 class ClassifierFeatures(FeatureExtractor):

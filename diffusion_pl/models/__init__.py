@@ -2,5 +2,6 @@
 
 from diffusion_pl.models.classifier import ClassifierModule
 from diffusion_pl.models.diffusion import DiffusionModule
+from diffusion_pl.models.lr_schedule import WarmupLR
 
-__all__ = ["ClassifierModule", "DiffusionModule"]
+__all__ = ["ClassifierModule", "DiffusionModule", "WarmupLR"]

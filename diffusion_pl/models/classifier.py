@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
-from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from diffusion_pl.models.lr_schedule import Decay, warmup_multiplier
-from diffusion_pl.nets.classifier import EncoderClassifier
+from diffusion_pl.guidance import PROCESS_MARGINALS_KEY
+from diffusion_pl.models.hparams import log_run_hparams
+from diffusion_pl.models.lr_schedule import configure_optimization
+from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
+from diffusion_pl.nets.spec import build, factory, is_spec, keep_described, spec_of
 from diffusion_pl.processes.base import ForwardProcess
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,8 @@ log = logging.getLogger(__name__)
 _NET_CLASS_PATH = f"{EncoderClassifier.__module__}.{EncoderClassifier.__qualname__}"
 
 Stage = Literal["train", "val", "test"]  # the prefix of the logged metric names
-
-#: Checkpoint entry holding ``ForwardProcess.marginals()`` of the process a noisy classifier was trained on.
-PROCESS_MARGINALS_KEY = "process_marginals"
+#: The metrics shown beside the hyperparameters in TensorBoard's HPARAMS view.
+RUN_METRICS = ("val/loss", "val/acc")
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -91,8 +90,7 @@ class ClassifierModule(pl.LightningModule):
             net gets t only when it is time-conditional (else it learns a noise-level-agnostic classifier).
         noise_buckets: Number of noise-level buckets for the per-level accuracy.
         label_smoothing: Label smoothing of the cross-entropy (Szegedy et al. 2016).
-        warmup_steps: Linear learning-rate warm-up, in optimizer steps.
-        lr_decay: "constant" after warm-up, or "cosine" decay to 0 at the end of training.
+        lr_scheduler: Learning-rate schedule factory, e.g. ``WarmupLR`` (default: constant).
         image_size: Side of the square images (linked from the data config; must match the net).
         channels: Image channels (linked from the data config; must match the net).
     """
@@ -104,18 +102,19 @@ class ClassifierModule(pl.LightningModule):
         process: ForwardProcess | None = None,
         noise_buckets: int = 4,
         label_smoothing: float = 0.0,
-        warmup_steps: int = 0,
-        lr_decay: Decay = "constant",
+        lr_scheduler: LRSchedulerCallable | None = None,
         image_size: int = 32,
         channels: int = 3,
     ) -> None:
         super().__init__()
-        if isinstance(net, dict):  # the spec a checkpoint stores: load_from_checkpoint outside LightningCLI
-            net = net_from_spec(net, "the net argument")
-        self.save_hyperparameters(ignore=["net", "process", "optimizer"])
+        if is_spec(net) or is_spec(process):  # the specs a checkpoint stores: load_from_checkpoint outside LightningCLI
+            net, process = build(net, "the net argument"), build(process, "the process argument")
+        self.save_hyperparameters(ignore=["net", "process"], logger=False)
+        keep_described(self.hparams, ("optimizer", "lr_scheduler"))
         # The net as LightningCLI writes it (class_path + init_args), also when built in Python: checkpoints stay
         # loadable with weights_only=True and `ClassifierModule.load_from_checkpoint` can rebuild the net.
         self.hparams["net"] = {"class_path": _NET_CLASS_PATH, "init_args": net.config}
+        self.hparams["process"] = spec_of(process)
         if (net.image_size, net.in_channels) != (image_size, channels):
             raise ValueError(
                 f"the classifier net takes {net.in_channels}x{net.image_size}x{net.image_size} images but the module "
@@ -127,7 +126,7 @@ class ClassifierModule(pl.LightningModule):
                         "set time_conditional=True for a classifier-guidance classifier")
         self.net = net
         self.process = process
-        self.optimizer_factory = optimizer
+        self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(lr_scheduler)
         # ModuleDict keys get a suffix: a key "train" would shadow nn.Module.train.
         self.accuracy = torch.nn.ModuleDict({f"{stage}_acc": MulticlassAccuracy(net.num_classes, average="micro")
                                              for stage in ("train", "val", "test")})
@@ -201,48 +200,8 @@ class ClassifierModule(pl.LightningModule):
             self.process_marginals = {k: v.cpu() for k, v in checkpoint[PROCESS_MARGINALS_KEY].items()}
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = self.optimizer_factory(self.parameters())
-        total = self.trainer.estimated_stepping_batches
-        multiplier = functools.partial(warmup_multiplier, warmup_steps=self.hparams.warmup_steps,
-                                       decay=self.hparams.lr_decay,
-                                       total_steps=int(total) if math.isfinite(total) else None)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
 
-
-def net_from_spec(spec: Any, source: str) -> EncoderClassifier:
-    """A fresh :class:`EncoderClassifier` from the ``{"class_path", "init_args"}`` spec a ClassifierModule checkpoint
-    stores as its ``net`` hyperparameter; ``source`` names where the spec came from, for the error."""
-    if not isinstance(spec, dict) or spec.get("class_path") != _NET_CLASS_PATH:
-        raise ValueError(f"{source}: no net spec of class {_NET_CLASS_PATH} (not a ClassifierModule checkpoint of an "
-                         "EncoderClassifier)")
-    return EncoderClassifier(**spec["init_args"])
-
-
-def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
-    """Rebuild the trained :class:`EncoderClassifier` of a :class:`ClassifierModule` checkpoint, on the CPU.
-
-    Args:
-        checkpoint_path: A checkpoint written while fitting a ClassifierModule.
-
-    Returns:
-        The net in eval mode with the checkpoint's weights. Loading leaves the global RNG untouched, so adding an
-        evaluation callback that loads one (the domain FID) does not change a training run's random stream.
-
-    Raises:
-        FileNotFoundError: The checkpoint does not exist (the message says how to train one).
-        ValueError: The file is not a ClassifierModule checkpoint.
-    """
-    path = Path(checkpoint_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"classifier checkpoint {path} not found: train the classifier first, e.g. "
-            "`diffusion-pl fit --config configs/classifier/fashion_mnist.yaml` (writes "
-            "runs/classifier_fashion_mnist/lightning_logs/version_N/checkpoints/last.ckpt), or point checkpoint_path "
-            "at an existing one")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: keep the caller's RNG stream as it was
-        net = net_from_spec(checkpoint.get("hyper_parameters", {}).get("net"), str(path))
-    prefix = "net."
-    net.load_state_dict({k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)})
-    return net.eval()
+    def on_fit_start(self) -> None:
+        """Log the hyperparameters that define the run, beside its metrics (TensorBoard HPARAMS)."""
+        log_run_hparams(self, self.net, RUN_METRICS)

@@ -1,9 +1,14 @@
-"""Learning-rate multipliers: linear warm-up (Ho et al. 2020 use 5000 steps), then constant or cosine decay."""
+"""Learning-rate schedules shared by every module: linear warm-up (Ho et al. 2020 use 5000 steps), then constant or
+cosine decay; injected as LightningCLI's ``LRSchedulerCallable``."""
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 Decay = Literal["constant", "cosine"]
 
@@ -17,3 +22,47 @@ def warmup_multiplier(step: int, warmup_steps: int, decay: Decay = "constant", t
         return 1.0
     progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupLR(torch.optim.lr_scheduler.LambdaLR):
+    """Linear warm-up, then constant or cosine decay to 0 at ``total_steps`` (:func:`warmup_multiplier`).
+
+    Args:
+        optimizer: The optimizer (given by the module: ``lr_scheduler`` is a ``LRSchedulerCallable``).
+        warmup_steps: Warm-up length in optimizer steps.
+        decay: "constant" or "cosine".
+        total_steps: Where the cosine reaches 0; None: the trainer's total optimizer steps
+            (``estimated_stepping_batches``: ``max_steps``, or the epochs' steps), filled in by the module.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, decay: Decay = "constant",
+                 total_steps: int | None = None) -> None:
+        if warmup_steps < 0 or decay not in ("constant", "cosine"):
+            raise ValueError(f"WarmupLR needs warmup_steps >= 0 and decay 'constant' or 'cosine', got {warmup_steps} "
+                             f"and {decay!r}")
+        self.warmup_steps = warmup_steps
+        self.decay = decay
+        self.total_steps = total_steps
+        super().__init__(optimizer, self.multiplier)
+
+    def multiplier(self, step: int) -> float:
+        return warmup_multiplier(step, self.warmup_steps, self.decay, self.total_steps)
+
+
+def default_adam(params: Any) -> torch.optim.Optimizer:
+    """Adam with lr 2e-4 (Ho et al. 2020, App. B)."""
+    return torch.optim.Adam(params, lr=2e-4)
+
+
+def configure_optimization(module: pl.LightningModule, optimizer: OptimizerCallable,
+                           lr_scheduler: LRSchedulerCallable | None) -> dict[str, Any]:
+    """``configure_optimizers`` of every module: the optimizer over the trainable parameters and, when given, the
+    schedule stepped every optimizer step; a ``total_steps`` left None is the trainer's total."""
+    opt = optimizer([p for p in module.parameters() if p.requires_grad])
+    if lr_scheduler is None:
+        return {"optimizer": opt}
+    scheduler = lr_scheduler(opt)
+    if getattr(scheduler, "total_steps", 0) is None:
+        total = module.trainer.estimated_stepping_batches
+        scheduler.total_steps = int(total) if math.isfinite(total) else None
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -9,9 +9,12 @@ a classifier for classifier guidance embeds the diffusion time of its noisy inpu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import Tensor, nn
+
+from diffusion_pl.nets.loading import load_checkpoint, rebuild
 
 from diffusion_pl.nets.unet import (
     AttentionBlock,
@@ -149,3 +152,17 @@ class EncoderClassifier(nn.Module):
         """Class logits (B, num_classes) of ``x`` (at time ``t`` for a time-conditional net)."""
         return self.head(self.features(x, t))
 
+
+def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
+    """Rebuild the trained :class:`EncoderClassifier` of a :class:`ClassifierModule` checkpoint, on the CPU in eval
+    mode, leaving the global RNG untouched (see :func:`diffusion_pl.nets.loading.rebuild`).
+
+    Raises:
+        FileNotFoundError: The checkpoint does not exist (the message says how to train one).
+        ValueError: The file is not a ClassifierModule checkpoint.
+    """
+    checkpoint = load_checkpoint(checkpoint_path, what="classifier checkpoint", how_to_make=(
+        "train the classifier first, e.g. `diffusion-pl fit --config configs/classifier/fashion_mnist.yaml` (writes "
+        "runs/classifier_fashion_mnist/lightning_logs/version_N/checkpoints/last.ckpt), or point checkpoint_path at "
+        "an existing one"))
+    return rebuild(checkpoint, "net", "net.", str(checkpoint_path), "ClassifierModule checkpoint")

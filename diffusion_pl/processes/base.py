@@ -8,6 +8,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.utils import append_dims, sum_except_batch
 
 
@@ -25,7 +26,7 @@ def marginals_mismatch(trained: dict[str, Tensor], used: dict[str, Tensor], atol
     return None
 
 
-class ForwardProcess(nn.Module, abc.ABC):
+class ForwardProcess(Configurable, nn.Module, abc.ABC):
     """A Gaussian forward (noising) process q(x_t | x_0) = N(alpha(t) x_0, sigma(t)^2 I).
 
     Subclasses define the time domain (integer steps for DDPM, continuous t for SDEs), the marginal
@@ -63,6 +64,21 @@ class ForwardProcess(nn.Module, abc.ABC):
         t = self.probe_times()
         return {"net_time": self.net_input_time(t).float().cpu(), "alpha": self.alpha(t).float().cpu(),
                 "sigma": self.sigma(t).float().cpu()}
+
+    def transition(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The kernel q(x_t | x_s) = N(a x_s, v I) for s < t: a = alpha(t) / alpha(s), v = sigma(t)^2 - a^2 sigma(s)^2.
+
+        Valid for every Markov process with linear Gaussian steps and these marginals, since then
+        x_t = a x_s + sqrt(v) z composes with x_s = alpha(s) x_0 + sigma(s) eps into the marginal at t. For DDPM,
+        a = sqrt(alpha-bar_t / alpha-bar_s) and v = 1 - alpha-bar_t / alpha-bar_s (Ho et al. 2020, eq. 2 for
+        s = t - 1: a = sqrt(1 - beta_t), v = beta_t); for the VP SDE v = 1 - a^2 is the beta_i of its DDPM
+        discretization (Song et al. 2021, eq. 8); for VE, a = 1 and v = sigma(t)^2 - sigma(s)^2 (SMLD, eq. 9).
+
+        Returns:
+            (a, v), each of shape (B,).
+        """
+        a = self.alpha(t) / self.alpha(s)
+        return a, self.sigma(t) ** 2 - a**2 * self.sigma(s) ** 2
 
     def add_noise(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Sample q(x_t | x_0) by reparameterization: x_t = alpha(t) x0 + sigma(t) eps (Ho et al. 2020, eq. 4)."""

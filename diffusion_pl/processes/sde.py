@@ -57,18 +57,6 @@ class SDEProcess(ForwardProcess):
         """101 equally spaced times in [eps, 1]."""
         return torch.linspace(self.t_min, self.t_max, 101, dtype=torch.float64).float()
 
-    def transition(self, s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """Exact kernel p(x_t | x_s) = N(a x_s, v I) for s < t of a linear SDE (Song et al. 2021, App. B).
-
-        a = alpha(t) / alpha(s) and v = sigma(t)^2 - a^2 sigma(s)^2. For VP, v = 1 - a^2 is the beta_i of
-        the DDPM discretization (eq. 8); for VE, a = 1 and v = sigma(t)^2 - sigma(s)^2 (SMLD, eq. 9).
-
-        Returns:
-            (a, v), each of shape (B,).
-        """
-        a = self.alpha(t) / self.alpha(s)
-        return a, self.sigma(t) ** 2 - a**2 * self.sigma(s) ** 2
-
     def reverse_drift(self, x: Tensor, t: Tensor, score: Tensor) -> Tensor:
         """Drift f - g^2 score of the reverse-time SDE (Song et al. 2021, eq. 6)."""
         drift, diffusion = self.sde(x, t)

@@ -1,4 +1,4 @@
-"""DDIM sampling on a strided sub-sequence of steps (Song, Meng & Ermon 2021, eq. 12)."""
+"""DDIM sampling on a decreasing time grid (Song, Meng & Ermon 2021, eq. 12)."""
 
 from __future__ import annotations
 
@@ -6,41 +6,68 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.parameterization import DenoiseFn
-from diffusion_pl.processes.discrete import DiscreteProcess
-from diffusion_pl.samplers.grids import strided_steps
+from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.samplers.grids import grid_pairs
 from diffusion_pl.samplers.progress import maybe_progress
+from diffusion_pl.samplers.project import ProjectFn
 from diffusion_pl.utils import append_dims
 
 
-@torch.no_grad()
-def sample_ddim(denoise: DenoiseFn, process: DiscreteProcess, x_T: Tensor, *, steps: int, eta: float = 0.0,
-                generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
-    """DDIM: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - s_eta^2) eps_hat + s_eta z for consecutive tau_i = t > s.
+def variance_preserving(process: ForwardProcess) -> bool:
+    """Whether alpha^2 + sigma^2 = 1 at every probe time, to float32 precision (DDPM and VP; not sub-VP or VE)."""
+    marginals = process.marginals()
+    return float((marginals["alpha"] ** 2 + marginals["sigma"] ** 2 - 1).abs().max()) <= 1e-4
 
-    s_eta^2 = eta^2 (sigma_s^2 / sigma_t^2)(1 - alpha_t^2 / alpha_s^2) (Song et al. 2021a, eq. 16), with
-    alpha = sqrt(alpha-bar) and sigma = sqrt(1 - alpha-bar). eta = 0 is the deterministic DDIM, eta = 1
-    the DDPM posterior variance on the strided grid. The last step lands on s = 0, where x_0 = x0_hat.
+
+def check_eta(process: ForwardProcess, eta: float) -> None:
+    """Raise unless eta is in [0, 1], and 0 when the process is not variance-preserving (alpha^2 + sigma^2 = 1 at
+    every probe time), where eq. 16's s_eta is not the posterior's standard deviation: it can exceed sigma_s
+    (sub-VP, breaking the marginals) or vanish (VE, alpha constant)."""
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
+    if eta > 0 and not variance_preserving(process):
+        raise ValueError(f"DDIM with eta > 0 needs a variance-preserving process (alpha^2 + sigma^2 = 1, e.g. a "
+                         f"DiscreteProcess or VPSDE), got {type(process).__name__}; use eta=0 (deterministic DDIM), "
+                         "or EulerMaruyama / PredictorCorrector for a stochastic sampler")
+
+
+@torch.no_grad()
+def sample_ddim(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, grid: Tensor, eta: float = 0.0,
+                generator: torch.Generator | None = None, progress: bool = False,
+                project: ProjectFn | None = None) -> Tensor:
+    """DDIM: x_s = alpha_s x0_hat + sqrt(sigma_s^2 - s_eta^2) eps_hat + s_eta z for consecutive grid times t > s.
+
+    s_eta^2 = eta^2 (sigma_s^2 / sigma_t^2)(1 - alpha_t^2 / alpha_s^2) (Song et al. 2021a, eq. 16). eta = 0 is
+    the deterministic DDIM, eta = 1 the DDPM posterior variance on the grid; that form of s_eta assumes a
+    variance-preserving process (alpha^2 + sigma^2 = 1), so eta > 0 is refused on others (sub-VP, VE).
+
+    Only alpha and sigma are used, so any forward process works: a discrete one with alpha = sqrt(alpha-bar) (an
+    integer grid such as :func:`~diffusion_pl.samplers.grids.strided_grid`) or an SDE (a float grid, e.g.
+    ``append_zero(sde_times(...))``; its times are cast to x_T's dtype like the other SDE samplers'). A grid
+    ending at 0 lands on
+    x_0 = alpha(0) x0_hat + sigma(0) eps_hat: x0_hat for DDPM, VP and sub-VP; VE keeps its sigma_min (the
+    process's convention for x(0), see :class:`~diffusion_pl.processes.sde.VESDE`).
 
     Args:
         denoise: (x_t, t) -> Prediction.
-        process: The discrete forward process the denoiser was trained on.
-        x_T: Prior sample.
-        steps: Number of denoising steps S (1 <= S <= T).
+        process: The forward process the denoiser was trained on.
+        x_T: Sample at the grid's first time (prior noise when that is T; a noised image for SDEdit).
+        grid: Strictly decreasing 1-D tensor of times t_0 > ... > t_end >= 0; the output is at t_end.
         eta: Stochasticity in [0, 1].
         generator: Random generator on x_T's device (only used when eta > 0).
         progress: Show a progress bar.
+        project: Optional (x, s) -> x applied after every step, s the (B,) time just reached.
 
     Returns:
-        The sample x_0.
+        The sample at the grid's last time.
     """
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"DDIM eta must be in [0, 1], got {eta}")
-    grid = strided_steps(process.num_steps, steps).tolist()
-    pairs = list(zip(reversed(grid), reversed([0] + grid[:-1])))
+    check_eta(process, eta)
+    pairs = grid_pairs(grid, "DDIM")
+    dtype = x_T.dtype if grid.is_floating_point() else torch.long
     x = x_T
     for t_step, s_step in maybe_progress(pairs, progress, total=len(pairs), desc="DDIM"):
-        t = torch.full((x.shape[0],), t_step, device=x.device, dtype=torch.long)
-        s = torch.full((x.shape[0],), s_step, device=x.device, dtype=torch.long)
+        t = torch.full((x.shape[0],), t_step, device=x.device, dtype=dtype)
+        s = torch.full((x.shape[0],), s_step, device=x.device, dtype=dtype)
         pred = denoise(x, t)
         alpha_t, alpha_s = process.alpha(t), process.alpha(s)
         sigma_t, sigma_s = process.sigma(t), process.sigma(s)
@@ -50,4 +77,6 @@ def sample_ddim(denoise: DenoiseFn, process: DiscreteProcess, x_T: Tensor, *, st
         if eta > 0 and s_step > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x = x + append_dims(s_eta, x.ndim) * noise
+        if project is not None:
+            x = project(x, s)
     return x

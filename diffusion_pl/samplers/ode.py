@@ -16,9 +16,10 @@ from torch import Tensor
 
 from diffusion_pl.parameterization import DenoiseFn, score_from_eps
 from diffusion_pl.processes.sde import SDEProcess
-from diffusion_pl.samplers.grids import TimeSpacing, sde_times
+from diffusion_pl.samplers.grids import grid_times
 from diffusion_pl.samplers.progress import maybe_progress
-from diffusion_pl.samplers.sde import batch_time, denoise_at_t_min
+from diffusion_pl.samplers.project import ProjectFn
+from diffusion_pl.samplers.sde import batch_time, finish
 
 ODEFn = Callable[[Tensor, Tensor], Tensor]
 ODEMethod = Literal["euler", "heun", "rk45"]
@@ -112,21 +113,30 @@ def _integrate_adaptive(fn: ODEFn, x: Tensor, t0: float, t1: float, rtol: float,
 
 
 def _integrate_fixed(fn: ODEFn, x: Tensor, times: Sequence[float], method: ODEMethod, progress: bool,
-                     stats: dict[str, int]) -> Tensor:
-    """Euler, or Heun's second-order method (explicit trapezoid), from ``times[0]`` through each of ``times``."""
+                     stats: dict[str, int], project: ProjectFn | None) -> Tensor:
+    """Euler, or Heun's second-order method (explicit trapezoid), from ``times[0]`` through each of ``times``,
+    projecting after every step."""
     pairs = list(zip(times[:-1], times[1:]))
     steps = len(pairs)
     for t, s in maybe_progress(pairs, progress, total=steps, desc=method):
         d = fn(x, batch_time(t, x))
         x_euler = x + (s - t) * d
         x = x_euler if method == "euler" else x + 0.5 * (s - t) * (d + fn(x_euler, batch_time(s, x)))
+        x = x if project is None else project(x, batch_time(s, x))
     stats.update(nfe=steps * (1 if method == "euler" else 2), steps=steps, rejected=0)
     return x
 
 
+def check_ode_method(method: str) -> None:
+    """Raise unless ``method`` is one of :data:`ODE_METHODS`."""
+    if method not in ODE_METHODS:
+        raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
+
+
 def integrate_ode(fn: ODEFn, x: Tensor, t0: float, t1: float, *, method: ODEMethod = "rk45", steps: int = 100,
                   times: Sequence[float] | None = None, rtol: float = 1e-5, atol: float = 1e-5,
-                  progress: bool = False, stats: dict[str, int] | None = None) -> Tensor:
+                  progress: bool = False, stats: dict[str, int] | None = None,
+                  project: ProjectFn | None = None) -> Tensor:
     """Solve dx/dt = fn(x, t) from t0 to t1 (either direction) and return x(t1).
 
     Args:
@@ -142,12 +152,16 @@ def integrate_ode(fn: ODEFn, x: Tensor, t0: float, t1: float, *, method: ODEMeth
             worst sample of the batch controls the shared step size.
         progress: Show a progress bar (fixed-step methods).
         stats: If given, receives "nfe" (evaluations of fn), "steps" (accepted) and "rejected".
+        project: Optional (x, t) -> x applied after every step of the fixed-step methods, t the (B,) time just
+            reached. rk45 refuses it: a projection between its stages would break its error estimate.
 
     Returns:
         x(t1).
     """
-    if method not in ODE_METHODS:
-        raise ValueError(f"unknown ODE method {method!r}; choose one of {', '.join(ODE_METHODS)}")
+    check_ode_method(method)
+    if method == "rk45" and project is not None:
+        raise ValueError("a per-step projection needs a fixed-step ODE method: use method='heun' or 'euler' "
+                         "(rk45 adapts its steps to an error estimate that a projection would invalidate)")
     stats = {} if stats is None else stats
     if method == "rk45":
         out = _integrate_adaptive(fn, x, float(t0), float(t1), rtol, atol, stats)
@@ -158,39 +172,46 @@ def integrate_ode(fn: ODEFn, x: Tensor, t0: float, t1: float, *, method: ODEMeth
             times = torch.linspace(float(t0), float(t1), steps + 1, dtype=torch.float64).tolist()
         if len(times) < 2 or (times[0], times[-1]) != (float(t0), float(t1)):
             raise ValueError(f"the ODE time grid must run from t0 = {t0} to t1 = {t1} in at least one step")
-        out = _integrate_fixed(fn, x, times, method, progress, stats)
+        out = _integrate_fixed(fn, x, times, method, progress, stats, project)
     log.debug("integrated the ODE from t=%g to t=%g with %s: %s", t0, t1, method, stats)
     return out
 
 
 @torch.no_grad()
-def sample_ode(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, method: ODEMethod = "heun",
-               steps: int = 100, spacing: TimeSpacing = "uniform", rtol: float = 1e-5, atol: float = 1e-5,
+def sample_ode(denoise: DenoiseFn, process: SDEProcess, x_T: Tensor, *, grid: Tensor | None = None,
+               method: ODEMethod = "heun", rtol: float = 1e-5, atol: float = 1e-5,
                generator: torch.Generator | None = None, progress: bool = False, denoise_final: bool = True,
-               stats: dict[str, int] | None = None) -> Tensor:
-    """Sample by integrating the probability-flow ODE (Song et al. 2021, eq. 13) from t = 1 to t_min.
+               stats: dict[str, int] | None = None, project: ProjectFn | None = None) -> Tensor:
+    """Sample by integrating the probability-flow ODE (Song et al. 2021, eq. 13) down a decreasing time grid.
 
     Args:
         denoise: (x_t, t) -> Prediction, with t a float tensor of shape (B,).
         process: The SDE the denoiser was trained on.
-        x_T: Prior sample.
+        x_T: Sample at the grid's first time.
+        grid: Strictly decreasing times, e.g. :func:`~diffusion_pl.samplers.grids.sde_times`: the steps of the
+            fixed-step methods (Heun: 2 evaluations per step). rk45 uses only its end points and chooses its own
+            steps; it may be None there, meaning t_max to t_min.
         method: "euler", "heun" or "rk45" (see :func:`integrate_ode`).
-        steps: Steps of the fixed-step methods (Heun: 2 evaluations per step).
-        spacing: Their time grid, "uniform" in t or "log_snr" (see :func:`sde_times`); rk45 chooses its own.
         rtol: Relative tolerance of rk45.
         atol: Absolute tolerance of rk45.
         generator: Unused (the ODE is deterministic); accepted so that every sampler has the same call shape.
         progress: Show a progress bar.
-        denoise_final: Return E[x_0 | x_{t_min}] (one more evaluation) instead of x(t_min).
+        denoise_final: Return E[x_0 | x_{t_end}] (one more evaluation) instead of x(t_end) at the grid's end.
         stats: If given, receives the solver's statistics (see :func:`integrate_ode`).
+        project: Optional (x, s) -> x applied after every step, s the (B,) time just reached (0 after the final
+            denoising); fixed-step methods only, rk45 raises.
 
     Returns:
         The sample; with ``denoise_final=False`` it inverts :func:`encode_ode` up to solver error.
     """
-    times = None if method == "rk45" else sde_times(process, steps, spacing)
-    x = integrate_ode(probability_flow(denoise, process), x_T, process.t_max, process.t_min, method=method,
-                      times=times, rtol=rtol, atol=atol, progress=progress, stats=stats)
-    return denoise_at_t_min(denoise, process, x) if denoise_final else x
+    check_ode_method(method)
+    if grid is None and method != "rk45":
+        raise ValueError(f"the fixed-step ODE method {method!r} needs a grid, e.g. sde_times(process, 100)")
+    times = [process.t_max, process.t_min] if grid is None else grid_times(grid, "the ODE sampler")
+    x = integrate_ode(probability_flow(denoise, process), x_T, times[0], times[-1], method=method,
+                      times=None if method == "rk45" else times, rtol=rtol, atol=atol, progress=progress,
+                      stats=stats, project=project)
+    return finish(denoise, x, times[-1], denoise_final, project)
 
 
 @torch.no_grad()

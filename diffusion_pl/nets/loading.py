@@ -1,0 +1,73 @@
+"""The one checkpoint loader: rebuild a saved part (a net, a classifier, a stage) from a checkpoint's own specs.
+
+Every LightningModule of the framework stores its parts as specs (``nets.spec``) in its hyperparameters, so a
+checkpoint describes itself: the guiding classifier, the FID domain extractor and, later, cascade stages,
+autoencoders and CLIP models are all loaded here, without the config they were trained with.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from diffusion_pl.nets.spec import build, is_spec
+
+
+def load_checkpoint(path: str | Path, *, what: str = "checkpoint", how_to_make: str = "") -> dict[str, Any]:
+    """Read a Lightning checkpoint on the CPU (``weights_only``: plain data only, no code runs).
+
+    Args:
+        path: The checkpoint file.
+        what: What it should be, for the error (e.g. "classifier checkpoint").
+        how_to_make: How to produce one, appended to the not-found error.
+
+    Raises:
+        FileNotFoundError: No such file (the message says how to make one).
+        ValueError: The file is not a readable checkpoint.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} not found" + (f": {how_to_make}" if how_to_make else ""))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {error}): the file is damaged or "
+                         "not a checkpoint") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"{what} {path} is not a Lightning checkpoint (no state_dict)")
+    return checkpoint
+
+
+def rebuild(checkpoint: dict[str, Any], hparam: str, state_prefix: str, source: str,
+            what: str = "checkpoint of this kind") -> nn.Module:
+    """The module described by ``checkpoint["hyper_parameters"][hparam]`` (a spec) with the weights stored under
+    ``state_prefix`` in its state dict, on the CPU in eval mode.
+
+    The random initialisation of the rebuilt module is overwritten, and it runs under a forked RNG: loading leaves
+    the caller's random stream untouched (a training run that loads an evaluator keeps its noise).
+
+    Args:
+        checkpoint: What :func:`load_checkpoint` returned.
+        hparam: The hyperparameter holding the part's spec, e.g. "net".
+        state_prefix: The prefix of its weights in the state dict, e.g. "net.".
+        source: The checkpoint's path, for errors.
+        what: What the checkpoint should be, for errors (e.g. "ClassifierModule checkpoint").
+
+    Raises:
+        ValueError: The checkpoint has no such spec, or its weights do not fit the rebuilt module.
+    """
+    spec = checkpoint.get("hyper_parameters", {}).get(hparam)
+    if not is_spec(spec):
+        raise ValueError(f"{source}: not a {what}: it describes no {hparam!r} part (saved by another module, or by "
+                         "an older version of diffusion_pl)")
+    with torch.random.fork_rng(devices=[]):
+        module = build(spec, source)
+    state = {k[len(state_prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(state_prefix)}
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{source}: the stored {hparam!r} weights do not fit its spec ({error})") from error
+    return module.eval()

@@ -1,0 +1,122 @@
+"""Parts that describe themselves: the arguments a part was built with, as a spec a checkpoint can store.
+
+A spec is ``{"class_path": "package.module.Class", "init_args": {...}}``, the form LightningCLI writes in YAML.
+Its values are plain (numbers, strings, lists, dicts, None, nested specs), so checkpoints holding specs load with
+``torch.load(weights_only=True)`` and rebuild their parts in plain Python, without a CLI or a config file.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+Spec = dict[str, Any]
+
+
+class Configurable:
+    """Mixin that records the arguments of the most derived ``__init__`` a part was constructed with.
+
+    ``spec_of(part)`` then gives the spec that :func:`build` turns back into an equal part. The wrapped ``__init__``
+    keeps its signature (``functools.wraps``), so LightningCLI/jsonargparse see the same arguments.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self: Any, *args: Any, **kwargs: Any) -> None:
+            init(self, *args, **kwargs)
+            if type(self).__init__ is recording_init:  # only the most derived class records
+                bound = signature.bind(self, *args, **kwargs)
+                bound.apply_defaults()
+                arguments = dict(list(bound.arguments.items())[1:])
+                object.__setattr__(self, "_init_args", arguments)
+
+        cls.__init__ = recording_init  # type: ignore[method-assign]
+
+
+def class_path(cls: type) -> str:
+    """``module.QualName`` of a class, as LightningCLI writes ``class_path``."""
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def spec_of(value: Any) -> Any:
+    """The plain description of ``value``: a spec for a :class:`Configurable` part (recursively), lists for
+    sequences, dicts for mappings, the value itself for numbers, strings and None."""
+    if isinstance(value, Configurable):
+        init_args = getattr(value, "_init_args", None)
+        if init_args is None:
+            raise TypeError(f"{type(value).__name__} was not constructed through its __init__: it has no spec")
+        return {"class_path": class_path(type(value)), "init_args": {k: spec_of(v) for k, v in init_args.items()}}
+    if isinstance(value, (list, tuple)):
+        return [spec_of(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): spec_of(v) for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot describe {type(value).__name__} {value!r} in a spec: make it a Configurable part "
+                    "or a plain value (number, string, list, dict)")
+
+
+def is_spec(value: Any) -> bool:
+    """Whether ``value`` is a ``{"class_path", "init_args"}`` mapping."""
+    return isinstance(value, Mapping) and isinstance(value.get("class_path"), str)
+
+
+def build(spec: Any, source: str = "the spec") -> Any:
+    """Instantiate a spec (nested specs first); plain values come back as they are.
+
+    Args:
+        spec: A spec, a list/dict holding specs, or a plain value.
+        source: Where the spec came from (a checkpoint path), named in errors.
+
+    Raises:
+        ValueError: A class path that cannot be imported, or arguments the class does not take.
+    """
+    if is_spec(spec):
+        cls = import_class(spec["class_path"], source)
+        init_args = {k: build(v, source) for k, v in (spec.get("init_args") or {}).items()}
+        try:
+            return cls(**init_args)
+        except TypeError as error:
+            raise ValueError(f"{source}: {spec['class_path']} rejects the stored arguments ({error})") from error
+    if isinstance(spec, list):
+        return [build(v, source) for v in spec]
+    if isinstance(spec, Mapping):
+        return {k: build(v, source) for k, v in spec.items()}
+    return spec
+
+
+
+def import_class(path: str, source: str) -> type:
+    """The class named by a ``class_path``."""
+    module_name, _, name = path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        raise ValueError(f"{source}: cannot import {path!r} ({error}); was it saved by another version of "
+                         "diffusion_pl?") from error
+
+
+def factory(value: Any, source: str = "the spec") -> Any:
+    """A factory from the spec of a callable argument (LightningCLI's ``OptimizerCallable``/``LRSchedulerCallable``,
+    whose spec holds every argument but the first): ``functools.partial(cls, **init_args)``; other values as they
+    are."""
+    if not is_spec(value):
+        return value
+    return functools.partial(import_class(value["class_path"], source), **(value.get("init_args") or {}))
+
+
+def keep_described(hparams: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Drop the entries of ``keys`` that are not specs (e.g. a Python function given as optimizer factory): a
+    checkpoint keeps only what it can describe, and its module falls back to the default there."""
+    for key in keys:
+        if key in hparams and not is_spec(hparams[key]):
+            del hparams[key]
