@@ -2,15 +2,15 @@
 sampler configurations that check a process, build its default grid and call them."""
 
 from diffusion_pl.samplers.configs import DDIM, DDPM, ODE, EulerMaruyama, PredictorCorrector, Sampler
-from diffusion_pl.samplers.ddim import sample_ddim
-from diffusion_pl.samplers.ddpm import sample_ddpm
+from diffusion_pl.samplers.ddim import invert_ddim, sample_ddim
+from diffusion_pl.samplers.ddpm import ddpm_step, sample_ddpm
 from diffusion_pl.samplers.grids import append_zero, ddpm_grid, sde_times, strided_grid, strided_steps
 from diffusion_pl.samplers.ode import encode_ode, integrate_ode, probability_flow, sample_ode
 from diffusion_pl.samplers.project import ProjectFn
 from diffusion_pl.samplers.sde import sample_euler_maruyama, sample_pc
 
 __all__ = [
-    "DDIM", "DDPM", "ODE", "EulerMaruyama", "PredictorCorrector", "ProjectFn", "Sampler",
-    "append_zero", "ddpm_grid", "encode_ode", "integrate_ode", "probability_flow", "sample_ddim", "sample_ddpm",
+    "DDIM", "DDPM", "ddpm_step", "ODE", "EulerMaruyama", "PredictorCorrector", "ProjectFn", "Sampler",
+    "append_zero", "ddpm_grid", "encode_ode", "invert_ddim", "integrate_ode", "probability_flow", "sample_ddim", "sample_ddpm",
     "sample_euler_maruyama", "sample_ode", "sample_pc", "sde_times", "strided_grid", "strided_steps",
 ]

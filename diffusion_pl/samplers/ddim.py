@@ -80,3 +80,35 @@ def sample_ddim(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gri
         if project is not None:
             x = project(x, s)
     return x
+
+
+@torch.no_grad()
+def invert_ddim(denoise: DenoiseFn, process: ForwardProcess, x0: Tensor, *, grid: Tensor,
+                progress: bool = False) -> Tensor:
+    """DDIM inversion: the deterministic DDIM update (eta = 0) run up the grid, from x_s to x_t (s < t):
+    x_t = alpha_t (x_s - sigma_s eps_hat) / alpha_s + sigma_t eps_hat, with eps_hat = eps_theta(x_s, s) (at s = 0,
+    where the net is not trained and x_s is the data, eps_theta(x_0, t)).
+
+    It maps data to the latent that :func:`sample_ddim` with the same grid and eta = 0 maps back, up to the
+    discretization error of the probability-flow ODE both integrate (Song et al. 2021a, Sec. 4.3 and eq. 14).
+
+    Args:
+        denoise: (x_t, t) -> Prediction.
+        process: The forward process.
+        x0: The data, at the grid's last time.
+        grid: The decreasing grid of :func:`sample_ddim` (e.g. ``strided_grid(T, S)``); it is walked backwards.
+        progress: Show a progress bar.
+
+    Returns:
+        The latent at the grid's first time.
+    """
+    pairs = grid_pairs(grid, "DDIM inversion")[::-1]
+    dtype = x0.dtype if grid.is_floating_point() else torch.long
+    x = x0
+    for t_step, s_step in maybe_progress(pairs, progress, total=len(pairs), desc="DDIM inversion"):
+        t = torch.full((x.shape[0],), t_step, device=x.device, dtype=dtype)
+        s = torch.full((x.shape[0],), s_step, device=x.device, dtype=dtype)
+        eps = denoise(x, s if s_step > 0 else t).eps
+        x0_hat = (x - append_dims(process.sigma(s), x.ndim) * eps) / append_dims(process.alpha(s), x.ndim)
+        x = append_dims(process.alpha(t), x.ndim) * x0_hat + append_dims(process.sigma(t), x.ndim) * eps
+    return x

@@ -49,21 +49,31 @@ def sample_ddpm(denoise: DenoiseFn, process: DiscreteProcess, x_T: Tensor, *, gr
     Returns:
         The sample x_0, same shape as x_T.
     """
-    if variance not in ("beta", "posterior"):
-        raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'posterior'")
+    check_variance(variance)
     steps = check_ddpm_grid(ddpm_grid(process.num_steps) if grid is None else grid, process.num_steps)
     x = x_T
     for step in maybe_progress(steps, progress, total=len(steps), desc="DDPM"):
         t = torch.full((x.shape[0],), step, device=x.device, dtype=torch.long)
-        pred = denoise(x, t)
-        mean, _ = process.posterior(pred.x0, x, t)
-        if step == 1:
-            x = mean
-        else:
-            log_var = pred.log_var if pred.log_var is not None else append_dims(
-                process.fixed_log_variance(t, variance), x.ndim)
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x = mean + (0.5 * log_var).exp() * noise
+        x = ddpm_step(denoise, process, x, t, variance, generator, add_noise=step > 1)
         if project is not None:
             x = project(x, t - 1)
     return x
+
+
+def check_variance(variance: str) -> None:
+    """Raise unless ``variance`` names a fixed reverse variance."""
+    if variance not in ("beta", "posterior"):
+        raise ValueError(f"unknown DDPM variance {variance!r}; choose 'beta' or 'posterior'")
+
+
+def ddpm_step(denoise: DenoiseFn, process: DiscreteProcess, x: Tensor, t: Tensor, variance: FixedVariance,
+              generator: torch.Generator | None, add_noise: bool = True) -> Tensor:
+    """One ancestral step x_t -> x_{t-1} ~ N(mu-tilde(x_t, x0_hat), sigma_t^2 I) (Ho et al. 2020, Alg. 2, line 4) at
+    the (B,) steps ``t``; the mean alone when not ``add_noise`` (the last step, t = 1)."""
+    pred = denoise(x, t)
+    mean, _ = process.posterior(pred.x0, x, t)
+    if not add_noise:
+        return mean
+    log_var = pred.log_var if pred.log_var is not None else append_dims(process.fixed_log_variance(t, variance), x.ndim)
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return mean + (0.5 * log_var).exp() * noise

@@ -1,0 +1,65 @@
+"""What a pipeline needs of a trained model, and how it runs the model's sampler from a given start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from diffusion_pl.nets.first_stage import FirstStage
+from diffusion_pl.parameterization import DenoiseFn
+from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.samplers import ProjectFn, Sampler
+
+DenoiserWrapper = Callable[[DenoiseFn, ForwardProcess], DenoiseFn]
+
+
+class SamplingModel(Protocol):
+    """A trained diffusion model as pipelines see it (``DiffusionModule`` is one)."""
+
+    process: ForwardProcess
+    sampler: Sampler
+    first_stage: FirstStage
+    device: torch.device
+
+    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any]) -> DenoiseFn:
+        """The conditioned, guided denoiser the sampler calls on ``process``."""
+
+
+def sampling_process(model: SamplingModel) -> ForwardProcess:
+    """The process the model's sampler walks (respaced for ``DDPM(steps=S)``)."""
+    return model.sampler.sampling_process(model.process)
+
+
+def start_grid(grid: Tensor, t: float) -> Tensor:
+    """The tail of a decreasing sampler grid from the fraction ``t`` in (0, 1] of its first time on: the entries
+    <= t * grid[0] (SDEdit-style start below T; t = 1 is the whole grid)."""
+    if not 0.0 < t <= 1.0:
+        raise ValueError(f"the start level t must be a fraction of the time range in (0, 1], got {t}")
+    tail = grid[grid <= t * float(grid[0]) * (1 + 1e-9)]
+    if len(tail) < 2 and grid.is_floating_point():
+        raise ValueError(f"t={t} leaves less than one step of the sampler's grid ({len(grid)} times from "
+                         f"{float(grid[0]):g}): raise t or the sampler's steps")
+    return tail
+
+
+def start_time(grid: Tensor, like: Tensor) -> Tensor:
+    """The grid's first time as a (B,) tensor for ``like`` (integer steps stay long; float times take its dtype)."""
+    t = grid[:1].to(like.device)
+    t = t.to(like.dtype) if t.is_floating_point() else t
+    return t.expand(like.shape[0])
+
+
+def run_sampler(model: SamplingModel, x_start: Tensor, *, batch: dict[str, Any] | None = None,
+                grid: Tensor | None = None, project: ProjectFn | None = None, wrap: DenoiserWrapper | None = None,
+                generator: torch.Generator | None = None) -> Tensor:
+    """Decoded images from the model's sampler started at ``x_start`` (latents at the grid's first time), with an
+    optional per-step projection and an extra denoiser wrapper (applied after the model's guidance)."""
+    process = sampling_process(model)
+    denoise = model.sampling_denoiser(process, batch or {})
+    if wrap is not None:
+        denoise = wrap(denoise, process)
+    latents = model.sampler.sample(denoise, process, x_start, grid=grid, generator=generator, project=project)
+    return model.first_stage.decode(latents)

@@ -1,0 +1,207 @@
+"""Interpolation and inpainting against closed forms: exact denoisers of Gaussian data, no network."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import Tensor
+
+from analytic import gaussian_denoiser
+from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
+from diffusion_pl.parameterization import DenoiseFn, Prediction, eps_from_x0
+from diffusion_pl.pipelines import (
+    check_mask,
+    inpaint,
+    interpolate,
+    interpolate_ddim,
+    load_mask,
+    mix_noised,
+    named_mask,
+    repaint_schedule,
+    slerp,
+    start_grid,
+)
+from diffusion_pl.processes import DiscreteProcess, ForwardProcess, VPSDE
+from diffusion_pl.samplers import DDIM, DDPM, Sampler
+from diffusion_pl.utils import append_dims
+
+
+@dataclass
+class ExactModel:
+    """A "trained model" whose denoiser is exact for the data: what the pipelines need of a DiffusionModule."""
+
+    process: ForwardProcess
+    sampler: Sampler
+    make_denoiser: Any
+    first_stage: FirstStage = field(default_factory=IdentityStage)
+    device: torch.device = torch.device("cpu")
+
+    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any]) -> DenoiseFn:
+        return self.make_denoiser(process)
+
+
+def correlated_denoiser(mean: Tensor, cov: Tensor, process: ForwardProcess) -> DenoiseFn:
+    """Exact E[x0 | x_t] for x0 ~ N(mean, cov) in D dims, x_t (B, ..., D) = a x0 + s eps:
+    E[x0 | x_t] = mean + a cov (a^2 cov + s^2 I)^-1 (x_t - a mean) (Gaussian conjugacy)."""
+
+    def denoise(x_t: Tensor, t: Tensor) -> Prediction:
+        a = process.alpha(t).double()
+        s = process.sigma(t).double()
+        shape = x_t.shape
+        flat = x_t.reshape(shape[0], -1).double()
+        eye = torch.eye(len(mean), dtype=torch.float64)
+        gain = a[:, None, None] * cov @ torch.linalg.inv(a[:, None, None] ** 2 * cov + s[:, None, None] ** 2 * eye)
+        x0 = mean + (gain @ (flat - a[:, None] * mean)[..., None])[..., 0]
+        x0 = x0.to(x_t.dtype).reshape(shape)
+        return Prediction(x0=x0, eps=eps_from_x0(x0, x_t, t, process))
+
+    return denoise
+
+
+# ------------------------------------------------------------------------------------------------ interpolation
+
+
+def test_shared_noise_keeps_unit_variance_for_every_lambda() -> None:
+    """x_bar_t = alpha ((1 - l) z + l z') + sigma eps exactly; independent noises would shrink the noise to
+    sqrt((1 - l)^2 + l^2) (0.707 at l = 1/2), which the same Monte Carlo shows."""
+    generator = torch.Generator().manual_seed(0)
+    z, z_prime = torch.randn(1, 4, generator=generator), torch.randn(1, 4, generator=generator)
+    lambdas = torch.tensor([0.0, 0.25, 0.5, 1.0])
+    alpha, sigma = torch.tensor(0.6), torch.tensor(0.8)
+    noise = torch.randn(200_000, 1, 4, generator=generator)
+    mixed = torch.stack([mix_noised(z, z_prime, lambdas, alpha, sigma, n) for n in noise[:5]])
+    signal = alpha * ((1 - lambdas[:, None]) * z + lambdas[:, None] * z_prime)
+    torch.testing.assert_close(mixed, signal + sigma * noise[:5])
+    independent = (1 - 0.5) * noise[: len(noise) // 2] + 0.5 * noise[len(noise) // 2:]
+    assert float(independent.std()) == pytest.approx(0.5**0.5, rel=0.01)
+
+
+@pytest.mark.parametrize("sampler", [DDIM(steps=50), DDPM()])
+def test_interpolation_endpoints_come_back_at_small_t(sampler: Sampler) -> None:
+    process = DiscreteProcess(1000, "cosine")
+    mean, std = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    model = ExactModel(process, sampler, lambda p: gaussian_denoiser(mean, std, p))
+    generator = torch.Generator().manual_seed(1)
+    x, x_prime = torch.rand(1, 4, 4) * 2 - 1, torch.rand(1, 4, 4) * 2 - 1
+    out = interpolate(model, x, x_prime, torch.tensor([0.0, 1.0]), t=0.02, generator=generator)
+    assert out.shape == (2, 1, 4, 4)
+    # sigma(t) = 0.044 at t = 0.02 T (cosine): the endpoints come back up to noise of that size
+    assert float((out[0] - x).abs().mean()) < 0.06 and float((out[1] - x_prime).abs().mean()) < 0.06
+    far = interpolate(model, x, x_prime, torch.tensor([0.0]), t=1.0, generator=generator)
+    assert float((far[0] - x).abs().mean()) > 0.3  # from T the image is forgotten
+
+
+def test_start_grid_cuts_the_sampler_grid() -> None:
+    process = DiscreteProcess(1000, "cosine")
+    assert start_grid(DDIM(steps=10).grid(process), 0.5).tolist() == [500, 400, 300, 200, 100, 0]
+    assert start_grid(DDPM().grid(process.respace(list(range(10, 1001, 10)))), 0.25)[0] == 25
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        start_grid(DDIM(steps=10).grid(process), 0.0)
+
+
+def test_ddim_inversion_then_ddim_reconstructs_the_input() -> None:
+    """With the exact denoiser of Gaussian data, inversion and sampling integrate the same probability-flow ODE."""
+    process = DiscreteProcess(1000, "cosine")
+    mean, std = torch.full((1, 2, 2), 0.2), torch.full((1, 2, 2), 0.5)
+    model = ExactModel(process, DDIM(steps=50), lambda p: gaussian_denoiser(mean, std, p))
+    x, x_prime = torch.tensor([[[0.5, -0.3], [0.1, 0.7]]]), torch.tensor([[[-0.4, 0.6], [0.3, 0.0]]])
+    ends = interpolate_ddim(model, x, x_prime, torch.tensor([0.0, 1.0]), steps=200)
+    torch.testing.assert_close(ends[0], x, atol=0.02, rtol=0)
+    torch.testing.assert_close(ends[1], x_prime, atol=0.02, rtol=0)
+
+
+def test_slerp_keeps_the_norm_of_orthogonal_latents() -> None:
+    z, z_prime = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]])
+    out = slerp(z, z_prime, torch.tensor([0.0, 0.5, 1.0]))
+    torch.testing.assert_close(out.norm(dim=1), torch.full((3,), 3.0))
+    torch.testing.assert_close(out[0], z[0]) and torch.testing.assert_close(out[2], z_prime[0])
+
+
+# -------------------------------------------------------------------------------------------------- inpainting
+
+RHO = 0.9
+COV = torch.tensor([[1.0, RHO], [RHO, 1.0]], dtype=torch.float64)
+X1 = 1.0  # the known coordinate; x2 | x1 ~ N(rho x1, 1 - rho^2)
+
+
+def conditional_inpaint(method: str, sampler: Sampler, **options: Any) -> Tensor:
+    process = DiscreteProcess(100, "linear")
+    model = ExactModel(process, sampler, lambda p: correlated_denoiser(torch.zeros(2, dtype=torch.float64), COV, p))
+    images = torch.tensor([X1, 0.0]).expand(4000, 1, 1, 2).clone()
+    mask = torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2)
+    return inpaint(model, images, mask, method=method, generator=torch.Generator().manual_seed(0), **options)
+
+
+def test_repaint_samples_the_exact_conditional_and_keeps_the_known_coordinate() -> None:
+    """x2 | x1 = 1 is N(0.9, 0.19). Measured (T = 100, 4000 samples): jump 5, r = 10: 0.861 / 0.213; jump 5, r = 20:
+    0.879 / 0.208; jump 1, r = 20: 0.883 / 0.200; r = 1 is plain replacement (0.610 / 0.332)."""
+    out = conditional_inpaint("repaint", DDPM(), jump_length=1, resample=20)
+    assert bool((out[..., 0] == X1).all())
+    x2 = out[..., 1].flatten().double()
+    # 4000 samples: standard error of the mean 0.007, of the variance 0.004
+    assert float(x2.mean()) == pytest.approx(RHO * X1, abs=0.035)
+    assert float(x2.var()) == pytest.approx(1 - RHO**2, abs=0.02)
+
+
+@pytest.mark.parametrize("method", ["replace", "x0"])
+def test_replacement_methods_keep_the_known_coordinate_and_are_biased_within_a_bound(method: str) -> None:
+    """Replacement ignores how x1 constrains x2 at high noise (Lugmayr et al. 2022, Sec. 3): on this data x2 comes
+    out with mean 0.61 and variance 0.33 ("replace"), 0.62 and 0.39 ("x0"), instead of 0.9 and 0.19 (measured with
+    DDPM, T = 100, 4000 samples). The bounds document that bias."""
+    out = conditional_inpaint(method, DDPM())
+    assert bool((out[..., 0] == X1).all())
+    x2 = out[..., 1].flatten().double()
+    assert 0.5 < float(x2.mean()) < 0.75 and 0.25 < float(x2.var()) < 0.45
+
+
+def test_inpainting_runs_with_an_sde_model_and_its_sampler() -> None:
+    from diffusion_pl.samplers import EulerMaruyama
+
+    process = VPSDE()
+    model = ExactModel(process, EulerMaruyama(steps=50),
+                       lambda p: correlated_denoiser(torch.zeros(2, dtype=torch.float64), COV, p))
+    images = torch.tensor([X1, 0.0]).expand(500, 1, 1, 2).clone()
+    out = inpaint(model, images, torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2), generator=torch.Generator())
+    assert bool((out[..., 0] == X1).all()) and bool(torch.isfinite(out).all())
+    with pytest.raises(ValueError, match="RePaint steps a discrete"):
+        inpaint(model, images[:2], torch.tensor([1.0, 0.0]).reshape(1, 1, 1, 2), method="repaint")
+
+
+def test_repaint_schedule_matches_the_paper_code() -> None:
+    """Lugmayr et al.'s get_schedule_jump(t_T=10, jump_length=2, jump_n_sample=2), shifted to states x_k = t + 1."""
+    states = repaint_schedule(10, 2, 2)
+    assert states[:8] == [10, 9, 8, 7, 8, 9, 8, 7] and states[-1] == 0
+    assert all(abs(a - b) == 1 for a, b in zip(states, states[1:]))
+    assert sum(b < a for a, b in zip(states, states[1:])) == 18  # reverse steps: the network evaluations
+
+
+# ------------------------------------------------------------------------------------------------------- masks
+
+
+def test_named_masks_have_the_documented_regions() -> None:
+    left = named_mask("left_half", 8)
+    assert left.shape == (1, 1, 8, 8) and float(left[..., :4].sum()) == 0 and float(left[..., 4:].mean()) == 1
+    box = named_mask("center_box", 32, box=14)
+    assert float((1 - box).sum()) == 14 * 14 and float(box[0, 0, 9:23, 9:23].sum()) == 0
+    boxes = named_mask("random_boxes", 16, generator=torch.Generator().manual_seed(0))
+    assert 0 < float((1 - boxes).sum()) <= 3 * 16
+    with pytest.raises(ValueError, match="left_half"):
+        named_mask("top", 8)
+
+
+def test_mask_files_and_wrong_sizes(tmp_path: Path) -> None:
+    painted = np.zeros((8, 8), dtype=np.uint8)
+    painted[2:4, 2:6] = 255  # white: to fill in
+    Image.fromarray(painted).save(tmp_path / "mask.png")
+    mask = load_mask(tmp_path / "mask.png", 8)
+    assert float((1 - mask).sum()) == 8 and float(mask[0, 0, 2, 2]) == 0
+    with pytest.raises(ValueError, match="8x8, the images are 16x16"):
+        load_mask(tmp_path / "mask.png", 16)
+    with pytest.raises(ValueError, match=r"\(1 or B, 1, H, W\)"):
+        check_mask(torch.ones(1, 1, 4, 4), torch.zeros(2, 1, 8, 8))
