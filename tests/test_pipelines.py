@@ -205,3 +205,51 @@ def test_mask_files_and_wrong_sizes(tmp_path: Path) -> None:
         load_mask(tmp_path / "mask.png", 16)
     with pytest.raises(ValueError, match=r"\(1 or B, 1, H, W\)"):
         check_mask(torch.ones(1, 1, 4, 4), torch.zeros(2, 1, 8, 8))
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from helpers import tiny_args
+
+    from diffusion_pl.cli import build_cli
+
+    root = tmp_path_factory.mktemp("fit")
+    build_cli(["fit", *tiny_args(root, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                                 "--model.init_args.sampler.steps=5")])
+    return next(root.rglob("last.ckpt"))
+
+
+def predict_overlay(root: Path, ckpt: Path, overlay: str, *extra: str) -> dict[str, np.ndarray]:
+    from helpers import REPO, tiny_args
+
+    from diffusion_pl.cli import build_cli
+
+    args = tiny_args(root, "--model.init_args.sampler.steps=5", *extra, "--ckpt_path", str(ckpt))
+    build_cli(["predict", *args[:2], "--config", str(REPO / "overlays" / overlay), *args[2:]])
+    with np.load(next(root.rglob("samples.npz"))) as arrays:
+        assert next(root.rglob("grid.png")).stat().st_size > 0
+        return dict(arrays)
+
+
+@pytest.mark.parametrize("method", ["replace", "repaint", "x0"])
+def test_predict_inpaints_test_images_and_keeps_the_known_pixels(tmp_path: Path, tiny_checkpoint: Path,
+                                                                  method: str) -> None:
+    out = predict_overlay(tmp_path, tiny_checkpoint, "inpaint.yaml", "--data.init_args.predict_num_samples=4",
+                          f"--model.init_args.predict_task.method={method}",
+                          "--model.init_args.predict_task.steps=5", "--model.init_args.predict_task.resample=2",
+                          "--model.init_args.predict_task.jump_length=2")
+    samples, inputs, masks = out["samples"], out["inputs"], out["masks"]
+    assert samples.shape == inputs.shape == (4, 8, 8, 1) and masks.shape == (4, 8, 8, 1)
+    known = masks.astype(bool)
+    assert known.sum() == 4 * (64 - 16) and np.array_equal(samples[known], inputs[known])
+    assert not np.array_equal(samples[~known], inputs[~known])
+    assert out["index"].tolist() == [0, 1, 2, 3] and out["labels"].shape == (4,)
+
+
+def test_predict_interpolates_pairs_of_test_images(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    out = predict_overlay(tmp_path, tiny_checkpoint, "interpolate.yaml", "--data.init_args.predict_num_samples=4",
+                          "--data.init_args.predict_batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]")
+    assert out["samples"].shape == (2 * 3, 8, 8, 1) and out["lambda"].tolist() == [0, 0.5, 1] * 2

@@ -20,7 +20,8 @@ NPZ_NAMES = {"label": "labels"}
 
 class SampleWriter(BasePredictionWriter):
     """Collect the predictions ``{"samples": uint8 (B, C, H, W), <condition>: (B, ...)}`` and write ``samples.npz``
-    (key ``samples``, N x H x W x C, plus each condition, e.g. the target class as ``labels``) and ``grid.png``.
+    (key ``samples``, N x H x W x C, plus each condition, e.g. the target class as ``labels``) and ``grid.png``
+    (the samples, or the rows of a ``"panel"`` entry: a predict task's input | masked | result side by side).
     With several processes each rank writes its share as ``samples_rank{r}.npz``.
 
     Args:
@@ -39,9 +40,13 @@ class SampleWriter(BasePredictionWriter):
         outputs = [p for p in predictions if isinstance(p, dict)]
         images = torch.cat([p["samples"] for p in outputs])
         conditions = {NPZ_NAMES.get(key, key): torch.cat([p[key] for p in outputs])
-                      for key in outputs[0] if key != "samples"}
+                      for key in outputs[0] if key not in ("samples", "panel")}
+        if "panel" in outputs[0]:  # one row per item, e.g. input | masked | result
+            grid = uint8_grid(torch.cat([p["panel"] for p in outputs])[: self.grid_size], nrow=1)
+        else:
+            grid = uint8_grid(images[: self.grid_size])
         root = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
         suffix = "" if trainer.world_size == 1 else f"_rank{trainer.global_rank}"
         self.written = [save_npz(images, root / f"samples{suffix}.npz", **conditions),
-                        save_png(uint8_grid(images[: self.grid_size]), root / f"grid{suffix}.png")]
+                        save_png(grid, root / f"grid{suffix}.png")]
         log.info("wrote %d samples to %s", images.shape[0], ", ".join(map(str, self.written)))

@@ -64,6 +64,27 @@ class SeedDataset(Dataset):
                 "label": torch.tensor(self.labels[index % len(self.labels)], dtype=torch.int64)}
 
 
+class PredictImageDataset(Dataset):
+    """Images of a split to predict from (inpainting, interpolation): ``{"seed": start + position, "image": in
+    [-1, 1], "label": its class, "index": its index in the split}`` for each of ``indices`` in order."""
+
+    def __init__(self, data: ImageData, indices: Sequence[int], start: int = 0) -> None:
+        bad = [i for i in indices if not 0 <= i < len(data)]
+        if bad:
+            raise ValueError(f"predict_indices {bad} are outside the split's {len(data)} images")
+        self.data, self.indices, self.start = data, list(indices), start
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> dict[str, Tensor]:
+        index = self.indices[position]
+        return {"seed": torch.tensor(self.start + position, dtype=torch.int64),
+                "image": from_uint8(self.data.images[index]),
+                "label": torch.tensor(int(self.data.labels[index]), dtype=torch.int64),
+                "index": torch.tensor(index, dtype=torch.int64)}
+
+
 def _split_off(data: ImageData, fraction: float, seed: int) -> tuple[ImageData, ImageData]:
     """Split a seeded random ``fraction`` of ``data`` off (returned second); the same seed gives the same split."""
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
@@ -100,6 +121,9 @@ class ImageDataModule(L.LightningDataModule):
         predict_seed: First noise seed for prediction.
         predict_batch_size: Batch size of the predict loader (default ``batch_size``).
         predict_labels: Target labels of the predicted samples, cycled (default: every class in turn).
+        predict_from: "seeds" (sampling: one seed per item), or the split ("train", "test") whose images the
+            predict items carry (inpainting, interpolation: ``model.init_args.predict_task``).
+        predict_indices: Which images of that split, in order (default: the first ``predict_num_samples``).
     """
 
     def __init__(
@@ -120,6 +144,8 @@ class ImageDataModule(L.LightningDataModule):
         predict_seed: int = 0,
         predict_batch_size: int | None = None,
         predict_labels: list[int] | None = None,
+        predict_from: Literal["seeds", "train", "test"] = "seeds",
+        predict_indices: list[int] | None = None,
     ) -> None:
         super().__init__()
         check_source(source)
@@ -263,13 +289,21 @@ class ImageDataModule(L.LightningDataModule):
         return self._eval_loader(self._require(self.test_set, "test"))
 
     def predict_dataloader(self) -> DataLoader:
-        """``predict_num_samples`` items ``{"seed": predict_seed + i}`` in order, for reproducible sampling."""
+        """``predict_num_samples`` items ``{"seed": predict_seed + i}`` in order, for reproducible sampling; with
+        ``predict_from`` a split, its images (``predict_indices``) with their seeds and labels."""
         hp = self.hparams
+        batch_size = hp.predict_batch_size or hp.batch_size
+        if hp.predict_from != "seeds":
+            data = self._load(hp.predict_from)
+            if data is None:
+                raise ValueError(f"{hp.source} has no {hp.predict_from!r} split to predict from: use predict_from=train")
+            indices = hp.predict_indices or range(min(hp.predict_num_samples, len(data)))
+            return DataLoader(PredictImageDataset(data, indices, hp.predict_seed), batch_size=batch_size)
         labels = hp.predict_labels if hp.predict_labels else range(self.num_classes)
         if any(not 0 <= label < self.num_classes for label in labels):
             raise ValueError(f"predict_labels must lie in 0..{self.num_classes - 1} ({self.class_names}), got {labels}")
         dataset = SeedDataset(hp.predict_num_samples, hp.predict_seed, labels)
-        return DataLoader(dataset, batch_size=hp.predict_batch_size or hp.batch_size, shuffle=False)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False)
 
     # ------------------------------------------------------------------------------------------- augmentation
 

@@ -20,6 +20,7 @@ from diffusion_pl.models.lr_schedule import configure_optimization, default_adam
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
 from diffusion_pl.nets.spec import build, factory, keep_described, spec_of
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised
+from diffusion_pl.pipelines import PredictTask
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers import DDPM, Sampler
 from diffusion_pl.utils import to_uint8
@@ -27,7 +28,7 @@ from diffusion_pl.utils import to_uint8
 log = logging.getLogger(__name__)
 
 #: The injected parts; a checkpoint stores each as a spec, so ``load_from_checkpoint`` rebuilds them.
-PARTS = ("net", "process", "sampler", "loss", "conditioner", "guidance", "first_stage", "likelihood")
+PARTS = ("net", "process", "sampler", "loss", "conditioner", "guidance", "first_stage", "likelihood", "predict_task")
 #: The metrics shown beside the hyperparameters in TensorBoard's HPARAMS view.
 RUN_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid")
 
@@ -47,6 +48,7 @@ class DiffusionModule(pl.LightningModule):
         guidance: Guidance parts applied in order at sampling (``ClassifierFree``, ``Classifier``).
         first_stage: The frozen map to the space the model runs in (default: pixels).
         likelihood: The likelihood metrics of validation/test (default: the full bound at test, discrete only).
+        predict_task: What ``predict`` does with input images (``Inpaint``, ``Interpolate``); None: sample.
         optimizer: Optimizer factory (default: Adam, lr 2e-4).
         lr_scheduler: Learning-rate schedule factory, e.g. ``WarmupLR`` (default: constant).
         image_size: Side of the square images (linked from the data config).
@@ -66,6 +68,7 @@ class DiffusionModule(pl.LightningModule):
         guidance: Sequence[Guidance] = (),
         first_stage: FirstStage | None = None,
         likelihood: Likelihood | None = None,
+        predict_task: PredictTask | None = None,
         optimizer: OptimizerCallable = default_adam,
         lr_scheduler: LRSchedulerCallable | None = None,
         image_size: int = 32,
@@ -73,9 +76,9 @@ class DiffusionModule(pl.LightningModule):
         clip_samples: bool = True,
     ) -> None:
         super().__init__()
-        net, process, sampler, loss, conditioner, guidance, first_stage, likelihood = (
+        net, process, sampler, loss, conditioner, guidance, first_stage, likelihood, predict_task = (
             build(part, "DiffusionModule checkpoint") for part in
-            (net, process, sampler, loss, conditioner, guidance, first_stage, likelihood))
+            (net, process, sampler, loss, conditioner, guidance, first_stage, likelihood, predict_task))
         self.denoiser = Denoiser(net, process, prediction, learned_variance)
         self.sampler = sampler if sampler is not None else DDPM()
         self.loss_fn = loss if loss is not None else SimpleLoss()
@@ -83,6 +86,7 @@ class DiffusionModule(pl.LightningModule):
         self.guidance = list(guidance)
         self.first_stage = (first_stage if first_stage is not None else IdentityStage()).requires_grad_(False)
         self.likelihood = likelihood if likelihood is not None else Likelihood()
+        self.predict_task = predict_task
         self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(lr_scheduler)
         self.sampler.check(process)
         self.likelihood.check(process)
@@ -91,7 +95,8 @@ class DiffusionModule(pl.LightningModule):
         self.save_hyperparameters(ignore=list(PARTS), logger=False)
         keep_described(self.hparams, ("optimizer", "lr_scheduler"))
         self.hparams.update({name: spec_of(part) for name, part in zip(PARTS, (
-            net, process, self.sampler, self.loss_fn, conditioner, self.guidance, self.first_stage, self.likelihood))})
+            net, process, self.sampler, self.loss_fn, conditioner, self.guidance, self.first_stage, self.likelihood,
+            predict_task))})
 
     @property
     def process(self) -> ForwardProcess:
@@ -190,15 +195,17 @@ class DiffusionModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """One uint8 image (B, C, H, W, on the CPU) per seed of ``batch["seed"]``, under ``"samples"``, with the
-        batch's conditions (e.g. ``"label"``) beside them.
+        batch's conditions (e.g. ``"label"``) beside them; or what the ``predict_task`` makes of the batch.
 
         Each image's prior noise comes from its own seed on the CPU, so an image depends only on its seed,
         not on the batch size, the device count or the device type.
         """
         seeds = batch["seed"].tolist()
+        generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
+        if self.predict_task is not None:
+            return self.predict_task(self, batch, generator)
         noise = torch.cat([self.process.prior_sample((1, *self.latent_shape), generator=torch.Generator().manual_seed(s))
                            for s in seeds]).to(self.device)
-        generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
         images = to_uint8(self.sample(noise=noise, batch=batch, generator=generator)).cpu()
         return {"samples": images, **{key: batch[key].cpu() for key in self.condition_keys if key in batch}}
 
