@@ -253,3 +253,17 @@ def test_predict_interpolates_pairs_of_test_images(tmp_path: Path, tiny_checkpoi
     out = predict_overlay(tmp_path, tiny_checkpoint, "interpolate.yaml", "--data.init_args.predict_num_samples=4",
                           "--data.init_args.predict_batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]")
     assert out["samples"].shape == (2 * 3, 8, 8, 1) and out["lambda"].tolist() == [0, 0.5, 1] * 2
+
+
+def test_seam_energy_counts_only_pairs_across_the_border() -> None:
+    from diffusion_pl.metrics.inpainting import seam_energy
+
+    mask = torch.ones(1, 1, 4, 4)
+    mask[..., 2:] = 0  # the right half is filled in: 4 horizontal pairs cross the border, none vertical
+    smooth = torch.zeros(1, 1, 4, 4)
+    step = smooth.clone()
+    step[..., 2:] = 1.0  # a jump of 1 exactly at the border
+    inside = smooth.clone()
+    inside[..., 3] = 5.0  # a jump away from the border does not count
+    torch.testing.assert_close(seam_energy(torch.cat([smooth, step, inside]), mask),
+                               torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
