@@ -41,8 +41,8 @@ class SampleWriter(BasePredictionWriter):
         images = torch.cat([p["samples"] for p in outputs])
         conditions = {NPZ_NAMES.get(key, key): torch.cat([p[key] for p in outputs])
                       for key in outputs[0] if key not in ("samples", "panel")}
-        if "panel" in outputs[0]:  # one row per item, e.g. input | masked | result
-            grid = uint8_grid(torch.cat([p["panel"] for p in outputs])[: self.grid_size], nrow=1)
+        if "panel" in outputs[0]:  # one panel per item, e.g. input | masked | result; four panels a row
+            grid = uint8_grid(torch.cat([p["panel"] for p in outputs])[: self.grid_size], nrow=4)
         else:
             grid = uint8_grid(images[: self.grid_size])
         root = Path(self.output_dir or Path(trainer.log_dir or trainer.default_root_dir) / "predictions")
