@@ -2,20 +2,31 @@
 
     diffusion-pl fit --config configs/ddpm/fashion_mnist.yaml [--trainer.max_steps=100 ...]
     diffusion-pl predict --config configs/ddpm/fashion_mnist.yaml --ckpt_path path/to/last.ckpt
+
+Bad input (data, config values, checkpoints, files) exits with status 2 and one message that says what to fix;
+``--debug`` or ``DIFFUSION_PL_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import os
+import sys
+from argparse import ArgumentError
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 from jsonargparse import Namespace
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from diffusion_pl.callbacks import ResumeRNGState
+from diffusion_pl.callbacks import ResumeRNGState, RunDirectory, VerifiedCheckpointIO
+from diffusion_pl.cli_errors import DEBUG_ENV, DEBUG_FLAG, check_config_files, config_error, message
 from diffusion_pl.data import ImageDataModule
+from diffusion_pl.errors import UserError
 from diffusion_pl.nets.spec import build
 
 # Arguments written once, in `data`, and copied into the model and its network. A model with a first stage gets
@@ -41,10 +52,40 @@ def set_net_to_latent_shape(model: Namespace) -> None:
 
 
 LIMIT_BATCHES = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+#: What building the classes of a config raises for a value they refuse.
+CONFIG_VALUE_ERRORS = (ValueError, TypeError, OSError, LookupError, ImportError, RuntimeError,
+                       MisconfigurationException)
+
+
+@contextlib.contextmanager
+def config_errors() -> Iterator[None]:
+    """Re-raise what a config value causes while classes are built as a ConfigError with the original message."""
+    try:
+        yield
+    except UserError:
+        raise
+    except CONFIG_VALUE_ERRORS as error:
+        raise config_error(error) from error
+
+
+def with_checkpoint_io(plugins: Any) -> list[Any]:
+    """The Trainer's plugins with :class:`VerifiedCheckpointIO` added, unless the config gives a CheckpointIO."""
+    plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(VerifiedCheckpointIO())
+    return plugins
 
 
 class DiffusionCLI(LightningCLI):
-    """LightningCLI with OmegaConf interpolation, data->model argument links and the exact-resume callback."""
+    """LightningCLI with OmegaConf interpolation, data->model argument links, the exact-resume callback, verified
+    atomic checkpoint I/O and one directory per run; errors of config values come out as :class:`ConfigError`."""
+
+    def instantiate_classes(self) -> None:
+        """Build model, data and trainer; an error a config value causes becomes a ConfigError with the original
+        message (jsonargparse wraps it in union-type reports and a dump of the whole configuration)."""
+        with config_errors():
+            super().instantiate_classes()
 
     def _parse_ckpt_path(self) -> None:
         """Keep the command line's configuration when ``--ckpt_path`` is given.
@@ -55,14 +96,17 @@ class DiffusionCLI(LightningCLI):
         """
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """The Trainer, with ``limit_*_batches: 1`` read as one batch.
+        """The Trainer, with :class:`VerifiedCheckpointIO`, :class:`RunDirectory` first among the callbacks, and
+        ``limit_*_batches: 1`` read as one batch.
 
         The Trainer annotates these ``float | int``, so the parser turns ``1`` into ``1.0``, which Lightning reads
         as 100% of the batches (``--trainer.limit_test_batches=1`` would run the whole test set). An explicit 1
         means one batch; leave the option unset (null) for all batches.
         """
-        trainer = super().instantiate_trainer(**kwargs)
         configured = self._get(self.config_init, "trainer", default={})
+        kwargs.setdefault("plugins", with_checkpoint_io(configured.get("plugins")))
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.sort(key=lambda callback: not isinstance(callback, RunDirectory))  # it claims the log dir
         for name in LIMIT_BATCHES:
             if getattr(trainer, name) == 1.0 and configured.get(name) == 1.0:
                 setattr(trainer, name, 1)
@@ -74,25 +118,62 @@ class DiffusionCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
-        set_net_to_latent_shape(config.model)
+        with config_errors():
+            set_net_to_latent_shape(config.model)
 
 
-def build_cli(args: Sequence[str] | None = None, run: bool = True) -> DiffusionCLI:
-    """Construct (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``."""
+def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_error: bool = True) -> DiffusionCLI:
+    """Construct (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``.
+
+    Args:
+        args: Command-line arguments.
+        run: Run the subcommand (otherwise only parse and instantiate).
+        exit_on_error: Let the parser print its usage and exit on a parse error (else raise ``ArgumentError``).
+
+    Raises:
+        ConfigError: A ``--config`` file that is not valid YAML, or a config value that a class refuses.
+    """
+    args = list(args) if args is not None else None
+    check_config_files(sys.argv[1:] if args is None else args)
+    parser_kwargs: dict[str, Any] = {"parser_mode": "omegaconf"}
+    if not exit_on_error:
+        parser_kwargs.update({"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}})
     return DiffusionCLI(
         model_class=pl.LightningModule,
         datamodule_class=ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        trainer_defaults={"callbacks": [ResumeRNGState()]},
+        parser_kwargs=parser_kwargs,
+        trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory()]},
         save_config_kwargs={"overwrite": True},
-        args=list(args) if args is not None else None,
+        args=args,
         run=run,
     )
 
 
+def _take_debug_flag(args: list[str] | None) -> tuple[list[str] | None, bool]:
+    """Remove ``--debug`` from ``args`` (or from ``sys.argv``: DDP ranks that Lightning starts re-run it, and get
+    the environment variable instead); returns the arguments and whether tracebacks are wanted."""
+    debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    if args is None:
+        if DEBUG_FLAG in sys.argv[1:]:
+            sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != DEBUG_FLAG]
+            debug = True
+    elif DEBUG_FLAG in args:
+        args, debug = [arg for arg in args if arg != DEBUG_FLAG], True
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+    return args, debug
+
+
 def main(args: Sequence[str] | None = None) -> None:
-    """Console-script entry point."""
+    """Console-script entry point: bad input exits with status 2 and one message (``--debug``: the traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    build_cli(args)
+    arguments, debug = _take_debug_flag(None if args is None else list(args))
+    try:
+        build_cli(arguments, exit_on_error=False)
+    except (UserError, ArgumentError) as error:
+        if debug:
+            raise
+        sys.stderr.write(message(error))
+        sys.exit(2)

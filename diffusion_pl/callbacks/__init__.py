@@ -1,11 +1,14 @@
 """Callbacks shared by every model family: EMA, sample grids, FID/KID, prediction writing, exact-resume RNG state,
-SLURM preemption."""
+SLURM preemption, one directory per run; and the verified checkpoint I/O plugin."""
 
+from diffusion_pl.callbacks.checkpoint_io import VerifiedCheckpointIO
 from diffusion_pl.callbacks.ema import EMA, averaged_module
 from diffusion_pl.callbacks.fid import FID
 from diffusion_pl.callbacks.preemption import SlurmRequeue
 from diffusion_pl.callbacks.rng_state import ResumeRNGState
+from diffusion_pl.callbacks.run_directory import RunDirectory
 from diffusion_pl.callbacks.sample_grid import SampleGrid
 from diffusion_pl.callbacks.sample_writer import SampleWriter
 
-__all__ = ["EMA", "FID", "ResumeRNGState", "SampleGrid", "SampleWriter", "SlurmRequeue", "averaged_module"]
+__all__ = ["EMA", "FID", "ResumeRNGState", "RunDirectory", "SampleGrid", "SampleWriter", "SlurmRequeue",
+           "VerifiedCheckpointIO", "averaged_module"]

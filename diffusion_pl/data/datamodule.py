@@ -158,6 +158,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ValueError(
                 f"batch sizes must be >= 1, got batch_size={batch_size}, predict_batch_size={predict_batch_size}"
             )
+        if predict_num_samples < 1:
+            raise ValueError(f"predict_num_samples must be >= 1 (the number of images predict writes), got "
+                             f"{predict_num_samples}: set data.init_args.predict_num_samples=N")
         if source == "image_folder" and root is None:
             raise ValueError(
                 "source 'image_folder' needs a folder: pass `data.root=/path/to/images` (one subfolder per class)"

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from diffusion_pl.errors import DataError, UserError
+
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]
@@ -52,7 +54,7 @@ _CONVERT_CHUNK = 4096
 _LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's "L" conversion
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A dataset's files are absent locally and could not be downloaded; the message says how to fix it."""
 
 
@@ -244,8 +246,14 @@ def resolve_fashion_mnist(split: Split, root: str | None = None, download: bool 
     folders = _fashion_mnist_folders(Path(root)) if root else []
     for folder in [*folders, FASHION_MNIST_SYSTEM_DIR]:
         if (pair := _idx_pair(folder, split)) is not None:
+            if root and folder not in folders:
+                log.warning("Fashion-MNIST not found under the given root=%r (nor its FashionMNIST/raw); using the "
+                            "system copy in %s instead", root, folder)
             log.debug("Fashion-MNIST %s split from %s", split, folder)
             return pair
+    if root and download:
+        log.warning("Fashion-MNIST not found under the given root=%r (nor its FashionMNIST/raw, nor the system copy "
+                    "%s); downloading it into %s", root, FASHION_MNIST_SYSTEM_DIR, root)
     if not download:
         raise _fashion_mnist_missing(root, download)
     target = Path(root) if root else default_cache_dir()
@@ -357,10 +365,15 @@ def image_folder_class_names(root: str | None) -> tuple[str, ...]:
 
 
 def _read_image(path: Path, channels: int, image_size: int, resize_mode: ResizeMode) -> Tensor:
+    """Decode one image file; a file that does not decode raises a DataError naming it."""
     from PIL import Image
 
-    with Image.open(path) as img:
-        array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    try:
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, unidentified or malformed files
+        raise DataError(f"cannot decode image {path} ({type(error).__name__}: {error}): the file is damaged or not "
+                        "an image; replace it, or move it out of the data folder") from error
     tensor = torch.from_numpy(array.copy())
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return fit_size(tensor.unsqueeze(0), image_size, resize_mode)[0]

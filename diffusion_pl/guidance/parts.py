@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion_pl.errors import CheckpointMismatchError
 from diffusion_pl.guidance.classifier import LogProbFn, classifier_guidance
 from diffusion_pl.guidance.classifier_free import batched_classifier_free
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
@@ -104,7 +105,7 @@ class Classifier(Guidance):
             return
         mismatch = marginals_mismatch(marginals, process.marginals())
         if mismatch is not None:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"classifier checkpoint {self.checkpoint} was trained on x_t of another forward process than this "
                 f"model's ({mismatch}): train the noisy classifier with model.init_args.process set as in this "
                 "model's config (configs/guidance/classifier_fashion_mnist.yaml matches the Fashion-MNIST DDPMs)")

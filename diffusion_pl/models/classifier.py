@@ -14,6 +14,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
 from diffusion_pl.guidance import PROCESS_MARGINALS_KEY
+from diffusion_pl.models.checkpointing import CheckpointChecks
 from diffusion_pl.models.hparams import log_run_hparams
 from diffusion_pl.models.lr_schedule import configure_optimization
 from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
@@ -73,7 +74,7 @@ class BucketAccuracy(Metric):
         return self.correct.double() / self.total.double()
 
 
-class ClassifierModule(pl.LightningModule):
+class ClassifierModule(CheckpointChecks, pl.LightningModule):
     """Cross-entropy training of an :class:`EncoderClassifier`, logging ``{train,val,test}/{loss,acc}``.
 
     With a ``process`` the classifier learns p(y | x_t, t) on x_t = alpha(t) x0 + sigma(t) eps, t ~
@@ -94,6 +95,9 @@ class ClassifierModule(pl.LightningModule):
         image_size: Side of the square images (linked from the data config; must match the net).
         channels: Image channels (linked from the data config; must match the net).
     """
+
+    #: What the weights mean: a checkpoint of another net or process is refused (``CheckpointChecks``).
+    MUST_MATCH = ("net", "process", "image_size", "channels")
 
     def __init__(
         self,
@@ -192,10 +196,12 @@ class ClassifierModule(pl.LightningModule):
         self._log_buckets("test")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)  # refuses non-finite weights
         if self.process_marginals is not None:
             checkpoint[PROCESS_MARGINALS_KEY] = self.process_marginals
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint of another net or process
         if PROCESS_MARGINALS_KEY in checkpoint:  # on the CPU whatever map_location put them on
             self.process_marginals = {k: v.cpu() for k, v in checkpoint[PROCESS_MARGINALS_KEY].items()}
 

@@ -15,6 +15,7 @@ from diffusion_pl.conditioning import Conditioner
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.likelihood import Likelihood
 from diffusion_pl.losses import DenoisingLoss, SimpleLoss
+from diffusion_pl.models.checkpointing import CheckpointChecks, non_finite_error
 from diffusion_pl.models.hparams import log_run_hparams
 from diffusion_pl.models.lr_schedule import configure_optimization, default_adam
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
@@ -33,7 +34,7 @@ PARTS = ("net", "process", "sampler", "loss", "conditioner", "guidance", "first_
 RUN_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid")
 
 
-class DiffusionModule(pl.LightningModule):
+class DiffusionModule(CheckpointChecks, pl.LightningModule):
     """A denoising diffusion model (Ho et al. 2020) of any family, from injected parts.
 
     Args:
@@ -54,7 +55,14 @@ class DiffusionModule(pl.LightningModule):
         image_size: Side of the square images (linked from the data config).
         channels: Image channels (linked from the data config).
         clip_samples: Clamp the predicted x0 to [-1, 1] at every sampling step (pixel space only).
+
+    Checkpoints (:class:`~diffusion_pl.models.checkpointing.CheckpointChecks`): none is written with non-finite
+    weights, and one loaded into the module must agree with it in ``MUST_MATCH``.
     """
+
+    #: What the weights mean; the sampler, guidance, likelihood, loss and optimizer may differ from the checkpoint.
+    MUST_MATCH = ("net", "process", "prediction", "learned_variance", "first_stage", "conditioner", "image_size",
+                  "channels")
 
     def __init__(
         self,
@@ -138,12 +146,10 @@ class DiffusionModule(pl.LightningModule):
             self.log(f"{stage}/{name}", value, sync_dist=True, batch_size=latents.shape[0])
 
     def _check_finite(self, loss: Tensor) -> None:
-        """Fail fast on a NaN/inf loss, checked at logging steps only (a host sync every step would slow GPUs)."""
+        """Fail fast on a NaN/inf loss, checked at logging steps only (a host sync every step would slow GPUs);
+        checkpoints check every weight before they are written (``CheckpointChecks``)."""
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0 and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {loss.item()} at step {self.global_step}: lower the learning rate "
-                "(model.optimizer.init_args.lr), set trainer.gradient_clip_val (e.g. 1.0), add warm-up "
-                "(model.lr_scheduler WarmupLR warmup_steps), or use bf16-mixed instead of 16-mixed precision")
+            raise non_finite_error(f"training loss is {loss.item()}", self.global_step)
 
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)

@@ -13,11 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffusion_pl.checkpoint_file import read_checkpoint
+from diffusion_pl.errors import CheckpointError, CheckpointNotFoundError
 from diffusion_pl.nets.spec import build, is_spec
 
 
 def load_checkpoint(path: str | Path, *, what: str = "checkpoint", how_to_make: str = "") -> dict[str, Any]:
-    """Read a Lightning checkpoint on the CPU (``weights_only``: plain data only, no code runs).
+    """Read a Lightning checkpoint on the CPU, after verifying its checksum (``weights_only``: plain data only, no
+    code runs; see :func:`diffusion_pl.checkpoint_file.read_checkpoint`).
 
     Args:
         path: The checkpoint file.
@@ -25,19 +28,17 @@ def load_checkpoint(path: str | Path, *, what: str = "checkpoint", how_to_make: 
         how_to_make: How to produce one, appended to the not-found error.
 
     Raises:
-        FileNotFoundError: No such file (the message says how to make one).
-        ValueError: The file is not a readable checkpoint.
+        CheckpointNotFoundError: No such file (a FileNotFoundError; the message says how to make one).
+        CheckpointCorruptError: The file was changed or truncated after it was written, or is not a checkpoint
+            (the message lists the other checkpoints of its directory).
+        CheckpointError: The file is not a Lightning checkpoint.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} not found" + (f": {how_to_make}" if how_to_make else ""))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise ValueError(f"{what} {path} cannot be read ({type(error).__name__}: {error}): the file is damaged or "
-                         "not a checkpoint") from error
+        raise CheckpointNotFoundError(f"{what} {path} not found" + (f": {how_to_make}" if how_to_make else ""))
+    checkpoint = read_checkpoint(path, map_location="cpu", weights_only=True)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{what} {path} is not a Lightning checkpoint (no state_dict)")
+        raise CheckpointError(f"{what} {path} is not a Lightning checkpoint (no state_dict)")
     return checkpoint
 
 
@@ -57,17 +58,17 @@ def rebuild(checkpoint: dict[str, Any], hparam: str, state_prefix: str, source: 
         what: What the checkpoint should be, for errors (e.g. "ClassifierModule checkpoint").
 
     Raises:
-        ValueError: The checkpoint has no such spec, or its weights do not fit the rebuilt module.
+        CheckpointError: (a ValueError) The checkpoint has no such spec, or its weights do not fit the rebuilt module.
     """
     spec = checkpoint.get("hyper_parameters", {}).get(hparam)
     if not is_spec(spec):
-        raise ValueError(f"{source}: not a {what}: it describes no {hparam!r} part (saved by another module, or by "
-                         "an older version of diffusion_pl)")
+        raise CheckpointError(f"{source}: not a {what}: it describes no {hparam!r} part (saved by another module, or "
+                              "by an older version of diffusion_pl)")
     with torch.random.fork_rng(devices=[]):
         module = build(spec, source)
     state = {k[len(state_prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(state_prefix)}
     try:
         module.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"{source}: the stored {hparam!r} weights do not fit its spec ({error})") from error
+        raise CheckpointError(f"{source}: the stored {hparam!r} weights do not fit its spec ({error})") from error
     return module.eval()

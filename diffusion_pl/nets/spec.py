@@ -120,3 +120,72 @@ def keep_described(hparams: dict[str, Any], keys: tuple[str, ...]) -> None:
     for key in keys:
         if key in hparams and not is_spec(hparams[key]):
             del hparams[key]
+
+
+# ----------------------------------------------------------------------------------------------- comparing specs
+
+_MISSING = object()
+
+
+def _with_defaults(spec: Spec) -> dict[str, Any]:
+    """The init args of a spec with the class's defaults filled in (an older checkpoint may lack a newer argument)."""
+    init_args = dict(spec.get("init_args") or {})
+    try:
+        parameters = inspect.signature(import_class(spec["class_path"], "the spec")).parameters.values()
+    except (ValueError, TypeError):
+        return init_args
+    for parameter in parameters:
+        if parameter.default is not inspect.Parameter.empty and parameter.name not in init_args:
+            init_args[parameter.name] = spec_of(parameter.default) if _describable(parameter.default) else _MISSING
+    return init_args
+
+
+def _describable(value: Any) -> bool:
+    try:
+        spec_of(value)
+    except TypeError:
+        return False
+    return True
+
+
+def differences(stored: Any, current: Any, where: str = "") -> list[tuple[str, Any, Any]]:
+    """Where two descriptions (specs, lists, dicts, plain values) differ: ``(dotted path, stored, current)``.
+
+    Specs of different classes differ as a whole; specs of one class differ in the init args that differ (the
+    class's defaults stand in for arguments one side lacks). Numbers compare by value (1 == 1.0), tuples as lists.
+    """
+    if is_spec(stored) and is_spec(current):
+        if stored["class_path"] != current["class_path"]:
+            return [(where, stored, current)]
+        left, right = _with_defaults(stored), _with_defaults(current)
+        found = []
+        for key in dict.fromkeys([*left, *right]):
+            a, b = left.get(key, _MISSING), right.get(key, _MISSING)
+            if a is _MISSING or b is _MISSING:
+                continue  # an argument one side cannot describe: nothing to compare
+            found += differences(a, b, f"{where}.{key}" if where else key)
+        return found
+    if isinstance(stored, (list, tuple)) and isinstance(current, (list, tuple)) and len(stored) == len(current):
+        return [d for i, (a, b) in enumerate(zip(stored, current)) for d in differences(a, b, f"{where}[{i}]")]
+    if isinstance(stored, Mapping) and isinstance(current, Mapping) and not is_spec(stored) and not is_spec(current):
+        return [d for key in dict.fromkeys([*stored, *current])
+                for d in differences(stored.get(key), current.get(key), f"{where}.{key}" if where else str(key))]
+    if isinstance(stored, (list, tuple)) and isinstance(current, (list, tuple)):
+        return [] if list(stored) == list(current) else [(where, stored, current)]
+    return [] if stored == current else [(where, stored, current)]
+
+
+def describe(value: Any, limit: int = 100) -> str:
+    """A short readable form: ``VPSDE(beta_max=20.0)`` for a spec (the arguments that differ from the class's
+    defaults), ``repr`` for plain values; cut at ``limit`` characters."""
+    if is_spec(value):
+        name = value["class_path"].rpartition(".")[2]
+        defaults = _with_defaults({"class_path": value["class_path"], "init_args": {}})
+        shown = [f"{k}={describe(v, limit)}" for k, v in (value.get("init_args") or {}).items()
+                 if defaults.get(k, _MISSING) != v]
+        text = f"{name}({', '.join(shown)})"
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(describe(v, limit) for v in value) + "]"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,0 +1,257 @@
+"""Checkpoint files you can trust: atomic writes with a content checksum, verified on every read.
+
+A checkpoint is what ``torch.save`` writes (a zip archive), written to a temporary file in the *same directory*,
+fsynced, then renamed over the target (``os.replace``, atomic within a filesystem): a kill at any moment leaves
+the previous file or the new one, never a partial one. The SHA-256 of the archive is stored in the archive's
+comment (the last bytes of the file), so the file stays a plain PyTorch checkpoint that ``torch.load`` reads, and
+:func:`read_checkpoint` refuses one whose bytes changed after writing (bit rot, a partial copy, truncation).
+Checkpoints written without the checksum are checked against the CRC-32 of each record of their zip archive.
+
+No Lightning here: ``nets.loading`` (every loader of another model's checkpoint) and the Lightning plugin
+(:class:`diffusion_pl.callbacks.VerifiedCheckpointIO`) both read and write through these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import pickle
+import secrets
+import time
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from diffusion_pl.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from diffusion_pl.owner import Owner
+
+log = logging.getLogger(__name__)
+
+CHECKSUM_PREFIX = b"diffusion_pl sha256 "
+_COMMENT_LEN = len(CHECKSUM_PREFIX) + 64
+_EOCD = b"PK\x05\x06"  # zip "end of central directory" record: 22 bytes, its last 2 the comment length
+_EOCD_LEN = 22
+#: Temporary files of writes in progress: ``.ckpt-tmp.<pid>.<token>.<host>`` (no ``*.ckpt`` or ``hpc_ckpt_`` in
+#: the name, so Lightning's searches for the last or the newest HPC checkpoint never pick one up).
+TEMP_PREFIX = ".ckpt-tmp."
+#: Temporary files of another host are removed once they are this old (their owner's liveness is unknown).
+FOREIGN_TEMP_MAX_AGE_S = 24 * 3600
+_CHUNK = 16 << 20
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+
+def write_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Write ``checkpoint`` to ``path`` atomically, with its SHA-256 in the zip comment.
+
+    Raises:
+        CheckpointError: The write failed (e.g. a full disk); ``path`` is unchanged and no temporary file remains.
+    """
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    view = buffer.getbuffer()
+    if bytes(view[-_EOCD_LEN:-_EOCD_LEN + 4]) != _EOCD or bytes(view[-2:]) != b"\0\0":
+        raise RuntimeError("torch.save wrote an archive without the plain zip end record this checksum needs")
+    body, length = view[:-2], _COMMENT_LEN.to_bytes(2, "little")
+    digest = hashlib.sha256(body)
+    digest.update(length)
+    write_atomically(path, (body, length, CHECKSUM_PREFIX + digest.hexdigest().encode()))
+
+
+def write_atomically(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None:
+    """Write ``chunks`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
+
+    Stale temporary files of killed writers in that folder are removed first.
+    """
+    path = Path(path)
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(directory)
+    me = Owner.current()
+    temp = directory / f"{TEMP_PREFIX}{me.pid}.{secrets.token_hex(4)}.{me.host}"
+    try:
+        with open(temp, "xb") as handle:
+            for chunk in chunks:
+                handle.write(chunk)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        if isinstance(error, OSError):
+            raise CheckpointError(
+                f"could not write checkpoint {path} ({error.strerror or error}); the previous file there is "
+                "unchanged. Free disk space (or fix the permissions) and resume from the last checkpoint") from error
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename durable (a crash right after it must not bring the old directory entry back)."""
+    with contextlib.suppress(OSError):  # some filesystems do not open or sync directories
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def remove_stale_temp_files(directory: str | Path) -> list[Path]:
+    """Delete temporary checkpoint files left by killed writers: this host's whose process is gone, and other
+    hosts' older than :data:`FOREIGN_TEMP_MAX_AGE_S`. Returns the removed paths."""
+    removed = []
+    for temp in Path(directory).glob(f"{TEMP_PREFIX}*"):
+        pid, _, rest = temp.name[len(TEMP_PREFIX):].partition(".")
+        host = rest.partition(".")[2]
+        if not pid.isdigit():
+            continue
+        owner = Owner(host, int(pid))
+        if owner.is_this_process:
+            continue
+        alive = owner.alive()
+        with contextlib.suppress(OSError):
+            if alive is False or (alive is None and time.time() - temp.stat().st_mtime > FOREIGN_TEMP_MAX_AGE_S):
+                temp.unlink()
+                removed.append(temp)
+    if removed:
+        log.info("removed %d temporary checkpoint file(s) of killed writes in %s", len(removed), directory)
+    return removed
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def verify_checksum(path: str | Path) -> bool:
+    """Check the SHA-256 that :func:`write_checkpoint` stored in a checkpoint file.
+
+    Returns:
+        True if the file carries the checksum and it matches; False if it carries none (written by plain
+        Lightning/PyTorch or an older diffusion_pl, or cut off before its end).
+
+    Raises:
+        CheckpointCorruptError: The file's bytes differ from those written.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        handle.seek(max(0, size - 4 * (_COMMENT_LEN + _EOCD_LEN)))
+        tail = handle.read()
+        at = tail.rfind(_EOCD)
+        marked = at >= 0 and tail[at + 20:at + 22] == _COMMENT_LEN.to_bytes(2, "little")
+        if not marked:
+            if CHECKSUM_PREFIX in tail:
+                raise corrupt_error(path, "its end is damaged (the end record before the checksum does not parse)")
+            return False
+        comment = tail[at + _EOCD_LEN:]
+        if len(comment) != _COMMENT_LEN:
+            raise corrupt_error(path, f"it is truncated (its checksum is {len(comment)} of {_COMMENT_LEN} bytes)"
+                                if len(comment) < _COMMENT_LEN else "bytes were appended after its end")
+        handle.seek(0)
+        digest, remaining = hashlib.sha256(), size - _COMMENT_LEN
+        while remaining > 0:
+            chunk = handle.read(min(_CHUNK, remaining))
+            if not chunk:
+                break
+            digest.update(chunk)
+            remaining -= len(chunk)
+    if comment != CHECKSUM_PREFIX + digest.hexdigest().encode():
+        raise corrupt_error(path, "its bytes differ from those written (the checksum stored in it does not match)")
+    return True
+
+
+def verify_file(path: str | Path) -> str:
+    """Check a checkpoint file before loading it: the stored SHA-256, else (a checkpoint written without it) the
+    CRC-32 of every record of its zip archive.
+
+    Returns:
+        "sha256", "zip-crc", or "unchecked" (not a complete zip archive: an old PyTorch format, or a damaged or
+        truncated file, which ``torch.load`` then tells apart).
+
+    Raises:
+        CheckpointCorruptError: The bytes differ from those written.
+    """
+    if Path(path).stat().st_size == 0:
+        raise corrupt_error(path, "it is empty (0 bytes)")
+    if verify_checksum(path):
+        return "sha256"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError):
+        return "unchecked"
+    if bad is not None:
+        raise corrupt_error(path, f"its record {bad!r} fails the archive's CRC check (damaged after writing)")
+    return "zip-crc"
+
+
+def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
+    """Verify a checkpoint file (:func:`verify_file`), then ``torch.load`` it.
+
+    Raises:
+        CheckpointNotFoundError: No such file.
+        CheckpointCorruptError: Checksum mismatch, or a file that does not load (truncated, damaged, not a
+            checkpoint). The message lists the other checkpoints of its directory to resume from.
+        CheckpointError: A verified file that torch refuses (e.g. objects that ``weights_only`` loading forbids).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint {path} not found{_others_hint(path) or ': check the path'}")
+    check = verify_file(path)
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as error:  # torch raises many types for damaged files
+        first_line = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
+            raise CheckpointError(
+                f"checkpoint {path} holds objects that safe loading (weights_only=True) refuses: {first_line}. "
+                "Load it with weights_only=False only if you trust where it came from") from error
+        if check != "unchecked":
+            raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {first_line})") \
+                from error
+        raise corrupt_error(path, f"it does not load ({type(error).__name__}: {first_line}): it is truncated, damaged "
+                                  "or not a checkpoint") from error
+    if check != "sha256":
+        log.warning("checkpoint %s carries no checksum (written by plain Lightning or PyTorch, or an older "
+                    "diffusion_pl): %s", path,
+                    "its archive's CRCs match" if check == "zip-crc" else "loaded without verifying its bytes")
+    return checkpoint
+
+
+def other_checkpoints(path: str | Path) -> list[Path]:
+    """The other ``*.ckpt`` files in ``path``'s directory, newest first."""
+    path = Path(path)
+    try:
+        found = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.name != path.name]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+
+
+def _others_hint(path: Path) -> str:
+    others = other_checkpoints(path)
+    if not others:
+        return ""
+    return f"; checkpoints in {path.parent}, newest first: {', '.join(p.name for p in others[:8])}"
+
+
+def corrupt_error(path: str | Path, reason: str) -> CheckpointCorruptError:
+    """The error for a damaged checkpoint: names the file, and the previous checkpoint to resume from."""
+    path = Path(path)
+    others = other_checkpoints(path)
+    message = f"checkpoint {path} is damaged: {reason}.\n"
+    if others:
+        names = ", ".join(p.name for p in others[:8]) + (", ..." if len(others) > 8 else "")
+        message += (f"Resume from the previous checkpoint instead: --ckpt_path {others[0]}\n"
+                    f"(checkpoints in {path.parent}, newest first: {names})")
+    else:
+        message += (f"There is no other checkpoint in {path.parent}: restore the file from a copy, or start the run "
+                    "again")
+    return CheckpointCorruptError(message)
