@@ -60,7 +60,7 @@ def training_hparams(module: pl.LightningModule, parameters: nn.Module) -> dict[
 
 def log_run_hparams(module: pl.LightningModule, parameters: nn.Module, metrics: Iterable[str]) -> dict[str, Scalar]:
     """Write the module's parts (flattened specs) and :func:`training_hparams` to every TensorBoard logger as the
-    HPARAMS session of the run, declaring ``metrics`` as its metrics, without a placeholder value: TensorBoard
+    HPARAMS session of the run, declaring ``metrics`` as its metrics with no dummy value logged: TensorBoard
     reads them from the scalars the run logs under those names; ``hparams.yaml`` gets them too. Rank 0 only; returns
     what was logged."""
     if not module.trainer.is_global_zero:
