@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 
 from diffusion_pl.cli import DiffusionCLI, build_cli
 
@@ -19,6 +21,13 @@ TINY_NET = [
     "--model.init_args.net.init_args.channel_mult=[1,2]",
     "--model.init_args.net.init_args.num_res_blocks=1",
     "--model.init_args.net.init_args.attention_resolutions=[4]",
+]
+# A super-resolution stage concatenates the (grayscale) low-res image.
+TINY_SR = ["--model.init_args.net.init_args.cond_channels=1"]
+# A CLIP's net (configs/clip) has no UNet widths: one layer per tower instead.
+TINY_CLIP = [
+    "--model.init_args.net.init_args.vision_layers=1",
+    "--model.init_args.net.init_args.transformer_layers=1",
 ]
 TINY_DATA = [
     "--data.init_args.source=digits",
@@ -36,8 +45,31 @@ TINY_STEPS = ["--model.init_args.sampler.steps=100"]
 def tiny_args(root: Path, *extra: str, config: str = DDPM_FASHION) -> list[str]:
     """CLI arguments (without the subcommand) for a tiny run of ``config`` writing under ``root``."""
     return ["--config", config, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", *TINY_NET, *TINY_DATA,
-            *tiny_process(Path(config).read_text()), *extra]
+            "--trainer.enable_model_summary=false", *tiny_net(Path(config).read_text()), *TINY_DATA,
+            *tiny_process(Path(config).read_text()), *tiny_text_encoder(Path(config).read_text()), *extra]
+
+
+def tiny_net(config_text: str) -> list[str]:
+    """The overrides that make a config's net tiny: a CLIPNet's layers, or the UNet's (and classifier's) widths (a
+    super-resolution stage's low-res condition gets the tiny data's one channel)."""
+    if "diffusion_pl.nets.clip.CLIPNet" in config_text:
+        return TINY_CLIP
+    return TINY_NET + (TINY_SR if "LowResImage" in config_text else [])
+
+
+def tiny_text_encoder(config_text: str) -> list[str]:
+    """For a text-conditional config, a tiny CLIP as its Text conditioner's encoder (the configured one is a trained
+    checkpoint under runs/): 64-wide towers of one layer, 8 tokens, written once per machine (atomically)."""
+    if "diffusion_pl.conditioning.Text" not in config_text:
+        return []
+    path = Path(tempfile.gettempdir()) / "diffusion_pl_tiny_text_clip.pt"
+    if not path.is_file():
+        from diffusion_pl.nets.clip import CLIPNet
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            CLIPNet(image_size=8, vision_layers=1, transformer_layers=1, context_length=8).export(path)
+    return [f"--model.init_args.conditioner.init_args.encoder={path}"]
 
 
 def tiny_process(config_text: str) -> list[str]:

@@ -133,7 +133,7 @@ class StubModel(pl.LightningModule):
         self.num_classes = num_classes
         self.labels: list[Tensor | None] = []
 
-    def example_batch(self, num_samples: int) -> dict[str, Tensor]:
+    def example_batch(self, num_samples: int, real: Tensor | None = None) -> dict[str, Tensor]:
         return {} if self.num_classes is None else {"label": torch.arange(num_samples) % self.num_classes}
 
     def sample(self, num_samples: int, *, batch: dict[str, Tensor], generator: torch.Generator) -> Tensor:

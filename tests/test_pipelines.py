@@ -42,7 +42,8 @@ class ExactModel:
     first_stage: FirstStage = field(default_factory=IdentityStage)
     device: torch.device = torch.device("cpu")
 
-    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any]) -> DenoiseFn:
+    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any],
+                          generator: torch.Generator | None = None) -> DenoiseFn:
         return self.make_denoiser(process)
 
 
@@ -267,3 +268,47 @@ def test_seam_energy_counts_only_pairs_across_the_border() -> None:
     inside[..., 3] = 5.0  # a jump away from the border does not count
     torch.testing.assert_close(seam_energy(torch.cat([smooth, step, inside]), mask),
                                torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64))
+
+
+def write_pngs(folder: Path, images: np.ndarray) -> None:
+    folder.mkdir(parents=True)
+    for i, image in enumerate(images):  # names out of order on purpose: files are read in name order
+        Image.fromarray(image[..., 0]).save(folder / f"img_{len(images) - i:03d}.png")
+
+
+def test_predict_inpaints_images_from_a_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
+    write_pngs(tmp_path / "inputs", images)
+    out = predict_overlay(tmp_path / "run", tiny_checkpoint, "inpaint.yaml",
+                          f"--data.init_args.predict_images={tmp_path / 'inputs'}")
+    in_name_order = images[::-1]
+    np.testing.assert_array_equal(out["inputs"], in_name_order)
+    known = out["masks"].astype(bool)
+    np.testing.assert_array_equal(out["samples"][known], in_name_order[known])
+    assert out["labels"].tolist() == [-1, -1, -1]
+
+
+def test_predict_images_errors_say_what_is_wrong(tmp_path: Path) -> None:
+    from diffusion_pl.data.predict_inputs import PredictInputError, load_predict_images
+
+    with pytest.raises(PredictInputError, match="does not exist"):
+        load_predict_images(str(tmp_path / "missing"), 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PredictInputError, match="holds no image files"):
+        load_predict_images(str(tmp_path / "empty"), 1)
+    mixed = tmp_path / "mixed"
+    write_pngs(mixed, np.zeros((1, 8, 8, 1), dtype=np.uint8))
+    Image.fromarray(np.zeros((4, 4), dtype=np.uint8)).save(mixed / "small.png")
+    with pytest.raises(PredictInputError, match="different sizes"):
+        load_predict_images(str(mixed), 1)
+    np.savez(tmp_path / "wrong.npz", pictures=np.zeros((1, 4, 4, 1), dtype=np.uint8))
+    with pytest.raises(PredictInputError, match="no images or samples array"):
+        load_predict_images(str(tmp_path / "wrong.npz"), 1)
+    np.savez(tmp_path / "float.npz", images=np.zeros((1, 4, 4, 1), dtype=np.float32))
+    with pytest.raises(PredictInputError, match="must be uint8"):
+        load_predict_images(str(tmp_path / "float.npz"), 1)
+    rgb = np.random.default_rng(1).integers(0, 256, size=(2, 4, 4, 3), dtype=np.uint8)
+    np.savez(tmp_path / "rgb.npz", samples=rgb, labels=np.array([3, 4]))
+    data = load_predict_images(str(tmp_path / "rgb.npz"), 3)
+    np.testing.assert_array_equal(data.images.permute(0, 2, 3, 1).numpy(), rgb)
+    assert data.labels.tolist() == [3, 4]

@@ -9,6 +9,8 @@ from diffusion_pl.callbacks.rng_state import ResumeRNGState
 from diffusion_pl.callbacks.run_directory import RunDirectory
 from diffusion_pl.callbacks.sample_grid import SampleGrid
 from diffusion_pl.callbacks.sample_writer import SampleWriter
+from diffusion_pl.callbacks.speed import TrainingSpeed
+from diffusion_pl.callbacks.super_resolution import SuperResolutionMetrics
 
 __all__ = ["EMA", "FID", "ResumeRNGState", "RunDirectory", "SampleGrid", "SampleWriter", "SlurmRequeue",
-           "VerifiedCheckpointIO", "averaged_module"]
+           "SuperResolutionMetrics", "TrainingSpeed", "VerifiedCheckpointIO", "averaged_module"]

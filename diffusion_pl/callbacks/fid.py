@@ -17,8 +17,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from diffusion_pl.callbacks.ema import averaged_module
+from diffusion_pl.callbacks.examples import real_examples
 from diffusion_pl.data.datamodule import ImageDataModule, ImageDataset
-from diffusion_pl.data.sources import ImageData, load_split
+from diffusion_pl.data.sources import ImageData
 from diffusion_pl.metrics.extractor import FeatureExtractor, Features
 from diffusion_pl.metrics.generative import GenerativeMetrics, empty_features
 from diffusion_pl.metrics.reference import (
@@ -50,10 +51,12 @@ def batch_seed(seed: int, start: int) -> int:
     return (seed * _MIX_SEED + start) % (1 << 63)
 
 
-def sample_conditions(module: pl.LightningModule, start: int, stop: int) -> dict[str, Tensor]:
+def sample_conditions(module: pl.LightningModule, start: int, stop: int,
+                      real: Tensor | None = None) -> dict[str, Tensor]:
     """Conditions of samples ``start .. stop - 1``: the model's own balanced ``example_batch`` (as in the sample
-    grids, e.g. labels cycling through the classes), so a sample's condition does not depend on the batching."""
-    return {key: value[start:] for key, value in module.example_batch(stop).items()}
+    grids, e.g. labels cycling through the classes, or the low-res versions of the ``real`` example images), so a
+    sample's condition does not depend on the batching."""
+    return {key: value[start:] for key, value in module.example_batch(stop, real=real).items()}
 
 
 @dataclass
@@ -192,7 +195,8 @@ class FID(pl.Callback):
         metrics = self._prepare(trainer, module.device)
         was_training = module.training
         module.eval()
-        generated, timing = self._generate(module, trainer.global_rank, trainer.world_size)
+        real = real_examples(trainer, self.num_samples)
+        generated, timing = self._generate(module, trainer.global_rank, trainer.world_size, real)
         module.train(was_training)
         start = time.perf_counter()
         metrics.update(generated)
@@ -205,8 +209,10 @@ class FID(pl.Callback):
                  timing.features, timing.metrics)
         return values
 
-    def _generate(self, module: pl.LightningModule, rank: int, world_size: int) -> tuple[Features, EvaluationTiming]:
-        """Sample this rank's batches and extract their features, timing both phases."""
+    def _generate(self, module: pl.LightningModule, rank: int, world_size: int,
+                  real: Tensor | None = None) -> tuple[Features, EvaluationTiming]:
+        """Sample this rank's batches (conditions made from the ``real`` example images where the model needs data)
+        and extract their features, timing both phases."""
         assert self.extractor is not None
         timing = EvaluationTiming()
         device = module.device
@@ -215,7 +221,8 @@ class FID(pl.Callback):
         for start, stop in rank_batches(self.num_samples, self.batch_size, rank, world_size):
             began = time.perf_counter()
             generator = torch.Generator(device=device).manual_seed(batch_seed(self.seed, start))
-            images = module.sample(stop - start, batch=sample_conditions(module, start, stop), generator=generator)
+            images = module.sample(stop - start, batch=sample_conditions(module, start, stop, real),
+                                   generator=generator)
             _synchronize(device)
             sampled = time.perf_counter()
             with torch.no_grad():
@@ -256,7 +263,8 @@ class FID(pl.Callback):
         hp = datamodule.hparams
         return {"source": hp.source, "root": None if hp.root is None else str(Path(hp.root).resolve()),
                 "split": self.reference_split, "image_size": hp.image_size, "channels": hp.channels,
-                "resize_mode": hp.resize_mode, "reference_size": self.reference_size,
+                "resize_mode": hp.resize_mode, "downsample": hp.downsample, "downsample_mode": hp.downsample_mode,
+                "reference_size": self.reference_size,
                 "kid_reference_size": self.kid_reference_size, "extractor": self.extractor.name,
                 "extractor_fingerprint": self.extractor.fingerprint()}
 
@@ -276,8 +284,7 @@ class FID(pl.Callback):
     def _reference_data(self, datamodule: ImageDataModule) -> ImageData:
         """The real split (or its fixed random subset of ``reference_size`` images) at the datamodule's format."""
         hp = datamodule.hparams
-        data = load_split(hp.source, self.reference_split, root=hp.root, image_size=hp.image_size,
-                          channels=hp.channels, resize_mode=hp.resize_mode, download=hp.download)
+        data = datamodule.load(self.reference_split)
         if data is None:
             raise ValueError(f"{hp.source} at {hp.root} has no {self.reference_split!r} split: set the FID "
                              "callback's reference_split='train'")

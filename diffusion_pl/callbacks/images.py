@@ -30,14 +30,16 @@ def save_png(image: Tensor, path: str | Path) -> Path:
     return path
 
 
-def save_npz(images: Tensor, path: str | Path, **conditions: Tensor) -> Path:
+def save_npz(images: Tensor, path: str | Path, **conditions: Tensor | list[str]) -> Path:
     """Write uint8 images as ``samples`` (N, H, W, C) in an .npz, the layout FID tools expect, atomically, with each
-    image's conditions beside them (e.g. ``labels``, its target class, (N,); images among them also as N, H, W, C)."""
+    image's conditions beside them (e.g. ``labels``, its target class, (N,); images among them also as N, H, W, C;
+    text such as ``prompts`` as a string array)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     arrays = {"samples": images.permute(0, 2, 3, 1).cpu().numpy()}
-    arrays.update({name: (value.permute(0, 2, 3, 1) if value.ndim == 4 else value).cpu().numpy()
+    arrays.update({name: ((value.permute(0, 2, 3, 1) if value.ndim == 4 else value).cpu().numpy()
+                          if isinstance(value, Tensor) else np.asarray(value, dtype=str))
                    for name, value in conditions.items()})
     np.savez(tmp, **arrays)
     os.replace(tmp, path)

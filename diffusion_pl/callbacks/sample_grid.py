@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from diffusion_pl.callbacks.ema import averaged_module
+from diffusion_pl.callbacks.examples import example_batch
 from diffusion_pl.callbacks.images import save_png, uint8_grid
 from diffusion_pl.utils import to_uint8
 
@@ -66,7 +67,7 @@ class SampleGrid(pl.Callback):
         was_training = module.training
         module.eval()
         generator = torch.Generator(device=module.device).manual_seed(self.seed)
-        batch = module.example_batch(self.num_samples)
+        batch = example_batch(trainer, module, self.num_samples)
         images = to_uint8(module.sample(self.num_samples, batch=batch, generator=generator))
         module.train(was_training)
         grid = uint8_grid(images, self.nrow)

@@ -34,8 +34,10 @@ class Conditioner(Configurable, nn.Module, abc.ABC):
         """The "no condition" counterpart of ``cond`` (same keys and shapes), for classifier-free guidance."""
 
     @abc.abstractmethod
-    def example_batch(self, num_samples: int, device: torch.device | str) -> dict[str, Tensor]:
-        """Batch entries that condition ``num_samples`` samples (sample grids, FID): a balanced set of conditions."""
+    def example_batch(self, num_samples: int, device: torch.device | str,
+                      real: Tensor | None = None) -> dict[str, Tensor]:
+        """Batch entries that condition ``num_samples`` samples (sample grids, FID): a balanced set of conditions,
+        made from ``real`` images of the data (in [-1, 1]) where a condition needs them (e.g. a low-res image)."""
 
     @property
     @abc.abstractmethod

@@ -56,6 +56,7 @@ class ClassLabel(Conditioner):
     def null(self, cond: NetKwargs) -> NetKwargs:
         return {"y": torch.full_like(cond["y"], self.null_label)}
 
-    def example_batch(self, num_samples: int, device: torch.device | str) -> dict[str, Tensor]:
+    def example_batch(self, num_samples: int, device: torch.device | str,
+                      real: Tensor | None = None) -> dict[str, Tensor]:
         """Labels cycling through the classes 0, 1, ..., K - 1, 0, ..."""
         return {"label": torch.arange(num_samples, device=device) % self.num_classes}

@@ -47,8 +47,9 @@ class Compose(Conditioner):
             merged.update(part.null(cond))
         return merged
 
-    def example_batch(self, num_samples: int, device: torch.device | str) -> dict[str, Tensor]:
+    def example_batch(self, num_samples: int, device: torch.device | str,
+                      real: Tensor | None = None) -> dict[str, Tensor]:
         batch: dict[str, Tensor] = {}
         for part in self.parts:
-            batch.update(part.example_batch(num_samples, device))
+            batch.update(part.example_batch(num_samples, device, real))
         return batch

@@ -1,4 +1,6 @@
-"""Data layer: one ImageDataModule for every model family, dataset sources, and an exactly resumable order."""
+"""Data layer: one ImageDataModule for every model family, dataset sources, and an exactly resumable order.
+
+Streaming (LitData) lives in :mod:`diffusion_pl.data.streaming`, imported only when a ``streaming`` source is used."""
 
 from diffusion_pl.data.datamodule import ImageDataModule, ImageDataset, SeedDataset
 from diffusion_pl.data.sampler import ResumableDataLoader, ResumableSampler
@@ -6,6 +8,7 @@ from diffusion_pl.data.sources import (
     SOURCE_NAMES,
     DatasetNotFoundError,
     ImageData,
+    LazyImageFolder,
     convert_images,
     load_split,
     source_class_names,
@@ -17,6 +20,7 @@ __all__ = [
     "ImageData",
     "ImageDataModule",
     "ImageDataset",
+    "LazyImageFolder",
     "ResumableDataLoader",
     "ResumableSampler",
     "SeedDataset",

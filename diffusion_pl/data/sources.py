@@ -1,12 +1,14 @@
 """Dataset sources: load a split into memory as uint8 (N, C, H, W), converted once to the target size and channels.
 
 Every source returns an :class:`ImageData` whose images already have the requested ``image_size`` and
-``channels``, so a dataset's ``__getitem__`` only has to index and rescale. Sources:
+``channels``, so a dataset's ``__getitem__`` only has to index and rescale (a :class:`LazyImageFolder` converts each
+image as it is read, with the same rules). Sources:
 
 - ``fashion_mnist``: explicit ``root`` -> Debian ``dataset-fashion-mnist`` system copy -> torchvision download.
 - ``mnist``, ``cifar10``: torchvision, from ``root`` (downloaded there when allowed).
 - ``image_folder``: a tree ``root/<class>/<image>`` (or a flat folder = one class; or ``root/train`` and
-  ``root/test`` each holding such a tree, which gives an official test split).
+  ``root/test`` each holding such a tree, which gives an official test split); ``<image>.txt`` beside an image is
+  its caption. Decoded up front (:func:`load_image_folder`), or lazily, file by file (:class:`LazyImageFolder`).
 - ``digits``: scikit-learn's bundled ``load_digits`` (1797 8x8 images), a tiny real set for fast tests.
 """
 
@@ -16,9 +18,9 @@ import gzip
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 import torch
@@ -27,13 +29,16 @@ from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
 from diffusion_pl.errors import DataError, UserError
+from diffusion_pl.resampling import DownsampleMode, downsample_uint8
 
 log = logging.getLogger(__name__)
 
 Split = Literal["train", "test"]
 ResizeMode = Literal["pad", "resize"]
 
-SOURCE_NAMES: tuple[str, ...] = ("fashion_mnist", "mnist", "cifar10", "image_folder", "digits")
+SOURCE_NAMES: tuple[str, ...] = ("fashion_mnist", "mnist", "cifar10", "image_folder", "digits", "streaming")
+#: Sources whose root is required: a folder of images, or a directory written by ``tools/convert_dataset.py``.
+ROOTED_SOURCES: tuple[str, ...] = ("image_folder", "streaming")
 
 FASHION_MNIST_CLASSES: tuple[str, ...] = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -66,14 +71,41 @@ class ImageData:
         images: uint8 tensor (N, C, H, W), already at the target size and channel count.
         labels: int64 tensor (N,).
         class_names: Name of each class; ``labels`` index into it.
+        captions: One caption per image (an image folder's caption files), or None: captions from class names.
     """
 
     images: Tensor
     labels: Tensor
     class_names: tuple[str, ...]
+    captions: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    def image(self, index: int) -> Tensor:
+        """The uint8 (C, H, W) image ``index``."""
+        return self.images[index]
+
+    def caption(self, index: int) -> str | None:
+        """The caption of image ``index``, or None when the split has no caption of its own."""
+        return None if self.captions is None else self.captions[index]
+
+    def subset(self, index: Tensor) -> ImageData:
+        """The images at ``index`` (int64 positions), in that order."""
+        captions = None if self.captions is None else tuple(self.captions[i] for i in index.tolist())
+        return ImageData(self.images[index], self.labels[index], self.class_names, captions)
+
+    def downsampled(self, factor: int, mode: DownsampleMode) -> ImageData:
+        """Every image reduced by ``factor`` (:func:`~diffusion_pl.resampling.downsample_uint8`)."""
+        return replace(self, images=downsample_uint8(self.images, factor, mode))
+
+
+def holdout_indices(num_images: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """Sorted (kept, held-out) positions of a seeded random ``fraction`` of ``num_images``: the validation split,
+    the same for the same seed in memory, read lazily or converted for streaming."""
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    num_held = int(round(fraction * num_images))
+    return order[num_held:].sort().values, order[:num_held].sort().values
 
 
 # --------------------------------------------------------------------------------------------------- conversion
@@ -364,36 +396,84 @@ def image_folder_class_names(root: str | None) -> tuple[str, ...]:
     return tuple(_image_folder_classes(folder)[0])
 
 
-def _read_image(path: Path, channels: int, image_size: int, resize_mode: ResizeMode) -> Tensor:
-    """Decode one image file; a file that does not decode raises a DataError naming it."""
+def decode_image(file: Path | BinaryIO, channels: int, image_size: int, resize_mode: ResizeMode,
+                 name: str | None = None) -> Tensor:
+    """Decode one image (a path or an open binary file) to uint8 (C, image_size, image_size) by :func:`fit_size`; one
+    that does not decode raises a DataError naming it (``name``, else the path)."""
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
+        with Image.open(file) as img:
             array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
     except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, unidentified or malformed files
-        raise DataError(f"cannot decode image {path} ({type(error).__name__}: {error}): the file is damaged or not "
-                        "an image; replace it, or move it out of the data folder") from error
+        raise DataError(f"cannot decode image {name or file} ({type(error).__name__}: {error}): the file is damaged "
+                        "or not an image; replace it, or move it out of the data folder") from error
     tensor = torch.from_numpy(array.copy())
     tensor = tensor.unsqueeze(0) if tensor.ndim == 2 else tensor.permute(2, 0, 1)
     return fit_size(tensor.unsqueeze(0), image_size, resize_mode)[0]
 
 
-def load_image_folder(
-    split: Split, root: str | None, image_size: int, channels: int, resize_mode: ResizeMode
-) -> ImageData | None:
-    """Decode an image folder, converting each image as it is read (bounded memory).
+def read_caption(image_path: Path) -> str | None:
+    """The caption of an image file: the text of ``<image>.txt`` beside it (stripped), or None without one."""
+    path = image_path.with_suffix(".txt")
+    return path.read_text(encoding="utf-8").strip() if path.is_file() else None
 
-    Args:
-        split: ``"train"`` or ``"test"``; ``"test"`` exists only with the ``root/train`` + ``root/test`` layout.
-        root: The folder.
-        image_size: Target side length.
-        channels: Target channel count.
-        resize_mode: ``"pad"`` or ``"resize"``.
 
-    Returns:
-        The split, or None when the folder has no test split.
+@dataclass(frozen=True)
+class LazyImageFolder:
+    """An image folder's split as a list of files, each decoded when it is read (in the DataLoader's workers).
+
+    The same images as :func:`load_image_folder` (same decode, :func:`fit_size` and downsampling), without the
+    up-front decode or a copy of the split in every process; the in-memory split is faster for small sets.
+
+    Attributes:
+        files: The image files, in label order.
+        labels: int64 tensor (N,).
+        class_names: Name of each class; ``labels`` index into it.
+        captions: One caption per image, or None (no caption files).
+        image_size: Side every image is fitted to before downsampling.
+        channels: 1 or 3.
+        resize_mode: ``"pad"`` or ``"resize"`` (:func:`fit_size`).
+        downsample: Factor each fitted image is reduced by.
+        downsample_mode: ``"area"`` or ``"bilinear"``.
     """
+
+    files: tuple[Path, ...]
+    labels: Tensor
+    class_names: tuple[str, ...]
+    captions: tuple[str, ...] | None
+    image_size: int
+    channels: int
+    resize_mode: ResizeMode
+    downsample: int = 1
+    downsample_mode: DownsampleMode = "area"
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def image(self, index: int) -> Tensor:
+        """Decode image ``index`` to uint8 (C, H, W) at the split's format."""
+        image = decode_image(self.files[index], self.channels, self.image_size, self.resize_mode)
+        return downsample_uint8(image[None], self.downsample, self.downsample_mode)[0]
+
+    def caption(self, index: int) -> str | None:
+        """The caption of image ``index``, or None when the split has no caption files."""
+        return None if self.captions is None else self.captions[index]
+
+    def subset(self, index: Tensor) -> LazyImageFolder:
+        """The images at ``index`` (int64 positions), in that order."""
+        positions = index.tolist()
+        captions = None if self.captions is None else tuple(self.captions[i] for i in positions)
+        return replace(self, files=tuple(self.files[i] for i in positions), labels=self.labels[index],
+                       captions=captions)
+
+    def downsampled(self, factor: int, mode: DownsampleMode) -> LazyImageFolder:
+        """The split with every image reduced by ``factor`` after it is decoded."""
+        return replace(self, downsample=self.downsample * factor, downsample_mode=mode)
+
+
+def _folder_files(split: Split, root: str | None) -> tuple[list[Path], list[int], tuple[str, ...]] | None:
+    """The image files of ``split``, their labels and the class names (None: the folder has no test split)."""
     path = _image_folder_root(root)
     if _has_split_dirs(path):
         names = image_folder_class_names(root)
@@ -405,13 +485,49 @@ def load_image_folder(
     found_names, files = _image_folder_classes(folder)
     names = tuple(names or found_names)
     index = {name: i for i, name in enumerate(names)}
-    images, labels = [], []
+    paths, labels = [], []
     for name, class_files in zip(found_names, files):
         if name not in index:
             raise ValueError(f"class folder {name!r} in {str(folder)!r} has no counterpart in {str(path / 'train')!r}")
-        images += [_read_image(p, channels, image_size, resize_mode) for p in class_files]
+        paths += class_files
         labels += [index[name]] * len(class_files)
-    return ImageData(torch.stack(images), torch.tensor(labels, dtype=torch.int64), names)
+    return paths, labels, names
+
+
+def _folder_captions(files: list[Path]) -> tuple[str, ...] | None:
+    """Each file's caption (empty where it has none), or None when no file has a caption."""
+    captions = [read_caption(path) for path in files]
+    return None if all(c is None for c in captions) else tuple(c or "" for c in captions)
+
+
+def load_image_folder(
+    split: Split, root: str | None, image_size: int, channels: int, resize_mode: ResizeMode, lazy: bool = False,
+) -> ImageData | LazyImageFolder | None:
+    """Decode an image folder, converting each image as it is read (bounded memory), or list it for lazy decoding.
+
+    Args:
+        split: ``"train"`` or ``"test"``; ``"test"`` exists only with the ``root/train`` + ``root/test`` layout.
+        root: The folder.
+        image_size: Target side length.
+        channels: Target channel count.
+        resize_mode: ``"pad"`` or ``"resize"``.
+        lazy: Only list the files (:class:`LazyImageFolder`); each image is decoded when it is read.
+
+    Returns:
+        The split, or None when the folder has no test split.
+    """
+    found = _folder_files(split, root)
+    if found is None:
+        return None
+    files, labels, names = found
+    label_tensor = torch.tensor(labels, dtype=torch.int64)
+    captions = _folder_captions(files)
+    if lazy:
+        return LazyImageFolder(tuple(files), label_tensor, names, captions, image_size, channels, resize_mode)
+    images = torch.empty((len(files), channels, image_size, image_size), dtype=torch.uint8)  # no second copy
+    for index, path in enumerate(files):
+        images[index] = decode_image(path, channels, image_size, resize_mode)
+    return ImageData(images, label_tensor, names, captions)
 
 
 # --------------------------------------------------------------------------------------------------- registry
@@ -432,6 +548,13 @@ def check_source(source: str) -> None:
         raise ValueError(f"unknown data source {source!r}; valid sources are: {', '.join(SOURCE_NAMES)}")
 
 
+def _required_root(source: str, root: str | None) -> str:
+    if root is None:
+        raise ValueError(f"source {source!r} needs data.root: a folder of images (image_folder), or a directory "
+                         "written by tools/convert_dataset.py or its s3:// / gs:// URL (streaming)")
+    return root
+
+
 def source_class_names(source: str, root: str | None = None) -> tuple[str, ...]:
     """Class names of a source without loading its images (image_folder lists its subfolders).
 
@@ -445,6 +568,10 @@ def source_class_names(source: str, root: str | None = None) -> tuple[str, ...]:
     check_source(source)
     if source == "image_folder":
         return image_folder_class_names(root)
+    if source == "streaming":
+        from diffusion_pl.data.streaming import read_metadata  # imports litdata, only when used
+
+        return read_metadata(_required_root(source, root)).class_names
     return _ARRAY_SOURCES[source][1]
 
 
@@ -457,17 +584,19 @@ def load_split(
     channels: int = 1,
     resize_mode: ResizeMode = "pad",
     download: bool = True,
-) -> ImageData | None:
+    lazy: bool = False,
+) -> ImageData | LazyImageFolder | None:
     """Load one split of a source into memory at the requested size and channel count.
 
     Args:
         source: One of :data:`SOURCE_NAMES`.
         split: ``"train"`` or ``"test"`` (the official test split where the dataset has one).
-        root: Local folder of the data (required for ``image_folder``).
+        root: Local folder of the data (required for ``image_folder`` and ``streaming``).
         image_size: Target side length.
         channels: Target channel count, 1 or 3.
         resize_mode: ``"pad"`` (pad smaller images with black) or ``"resize"`` (resize + center-crop).
         download: Whether a torchvision download may be attempted.
+        lazy: An image folder's files are listed, not decoded (:class:`LazyImageFolder`).
 
     Returns:
         The split, or None when the source has no such split (an image folder without ``train``/``test``).
@@ -476,8 +605,15 @@ def load_split(
     check_image_args(image_size, channels, resize_mode)
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; use 'train' or 'test'")
+    if lazy and source != "image_folder":
+        raise ValueError(f"lazy decoding applies to source 'image_folder' only, not {source!r}: set "
+                         "data.init_args.lazy_decode=false (source 'streaming' streams a converted dataset instead)")
     if source == "image_folder":
-        return load_image_folder(split, root, image_size, channels, resize_mode)
+        return load_image_folder(split, root, image_size, channels, resize_mode, lazy)
+    if source == "streaming":
+        from diffusion_pl.data.streaming import load_streaming_split  # imports litdata, only when used
+
+        return load_streaming_split(_required_root(source, root), split, image_size, channels, resize_mode)
     loader, names = _ARRAY_SOURCES[source]
     images, labels = loader(split, root, download)
     return ImageData(convert_images(images, image_size, channels, resize_mode), labels, names)

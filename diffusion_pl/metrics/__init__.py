@@ -6,6 +6,7 @@ from diffusion_pl.metrics.extractor import FeatureExtractor, Features
 from diffusion_pl.metrics.generative import GenerativeMetrics
 from diffusion_pl.metrics.inception import InceptionFeatures, InceptionWeightsError, inception_input
 from diffusion_pl.metrics.reference import ReferenceStatistics, cached_reference, reference_statistics
+from diffusion_pl.metrics.super_resolution import consistency_error, psnr, ssim
 
 __all__ = [
     "ClassifierFeatures",
@@ -16,6 +17,9 @@ __all__ = [
     "InceptionWeightsError",
     "ReferenceStatistics",
     "cached_reference",
+    "consistency_error",
     "inception_input",
+    "psnr",
     "reference_statistics",
+    "ssim",
 ]

@@ -9,6 +9,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from diffusion_pl.conditioning import Conditioner
@@ -21,7 +23,7 @@ from diffusion_pl.models.lr_schedule import configure_optimization, default_adam
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
 from diffusion_pl.nets.spec import build, factory, keep_described, spec_of
 from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised
-from diffusion_pl.pipelines import PredictTask
+from diffusion_pl.pipelines import PredictTask, seeded_noise
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers import DDPM, Sampler
 from diffusion_pl.utils import to_uint8
@@ -154,6 +156,15 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
 
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping; without loss scaling (bf16-mixed, 32-bit) also for fused optimizers (``fused: true``),
+        which Lightning's mixed-precision plugin refuses even when it has no grad scaler to unscale."""
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        Precision().clip_gradients(optimizer, gradient_clip_val or 0.0, algorithm)
+
     # ------------------------------------------------------------------ the sampling protocol of callbacks
 
     @property
@@ -162,20 +173,23 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         parts = ([self.conditioner] if self.conditioner is not None else []) + self.guidance
         return tuple(dict.fromkeys(key for part in parts for key in part.batch_keys))
 
-    def example_batch(self, num_samples: int) -> dict[str, Tensor]:
-        """Balanced conditions for ``num_samples`` samples (grids, FID): e.g. labels cycling through the classes."""
+    def example_batch(self, num_samples: int, real: Tensor | None = None) -> dict[str, Tensor]:
+        """Balanced conditions for ``num_samples`` samples (grids, FID): e.g. labels cycling through the classes, or
+        the low-res versions of ``real`` images of the data."""
         batch: dict[str, Tensor] = {}
         if self.conditioner is not None:
-            batch.update(self.conditioner.example_batch(num_samples, self.device))
+            batch.update(self.conditioner.example_batch(num_samples, self.device, real))
         for part in self.guidance:
             part.prepare(self.process, self.device)
             batch.update(part.example_batch(num_samples, self.device))
         return batch
 
-    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any]) -> DenoiseFn:
-        """The denoiser the sampler calls: conditioned on ``batch``, wrapped by each guidance part in order, then
-        x0 clipped to the data range (pixel space)."""
-        cond = {} if self.conditioner is None else self.conditioner(batch, training=False)
+    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any],
+                          generator: torch.Generator | None = None) -> DenoiseFn:
+        """The denoiser the sampler calls: conditioned on ``batch`` (any randomness of the condition, e.g. a low-res
+        image's augmentation, from ``generator``), wrapped by each guidance part in order, then x0 clipped to the
+        data range (pixel space)."""
+        cond = {} if self.conditioner is None else self.conditioner(batch, training=False, generator=generator)
         null = {} if not cond else self.conditioner.null(cond)
         denoise: DenoiseFn = self.denoiser.with_process(process).bind(**cond)
         for part in self.guidance:
@@ -195,7 +209,7 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
             noise = self.process.prior_sample((num_samples, *self.latent_shape), generator=generator,
                                               device=self.device)
         process = self.sampler.sampling_process(self.process)
-        latents = self.sampler.sample(self.sampling_denoiser(process, batch or {}), process, noise,
+        latents = self.sampler.sample(self.sampling_denoiser(process, batch or {}, generator), process, noise,
                                       generator=generator, progress=progress)
         return self.first_stage.decode(latents)
 
@@ -203,17 +217,18 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         """One uint8 image (B, C, H, W, on the CPU) per seed of ``batch["seed"]``, under ``"samples"``, with the
         batch's conditions (e.g. ``"label"``) beside them; or what the ``predict_task`` makes of the batch.
 
-        Each image's prior noise comes from its own seed on the CPU, so an image depends only on its seed,
-        not on the batch size, the device count or the device type.
+        Each image's prior noise comes from its own seed on the CPU, so with a deterministic sampler (DDIM, ODE) an
+        image depends only on its seed, not on the batch size, the device count or the device type; a stochastic
+        sampler's step noise comes from a generator seeded by the batch's first seed.
         """
         seeds = batch["seed"].tolist()
         generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
         if self.predict_task is not None:
             return self.predict_task(self, batch, generator)
-        noise = torch.cat([self.process.prior_sample((1, *self.latent_shape), generator=torch.Generator().manual_seed(s))
-                           for s in seeds]).to(self.device)
+        noise = seeded_noise(self.process, self.latent_shape, seeds).to(self.device)
         images = to_uint8(self.sample(noise=noise, batch=batch, generator=generator)).cpu()
-        return {"samples": images, **{key: batch[key].cpu() for key in self.condition_keys if key in batch}}
+        return {"samples": images, **{key: batch[key].cpu() if isinstance(batch[key], Tensor) else batch[key]
+                                      for key in self.condition_keys if key in batch}}
 
     def on_fit_start(self) -> None:
         """Log the hyperparameters that define the run, beside its metrics (TensorBoard HPARAMS)."""

@@ -13,6 +13,9 @@ from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers import ProjectFn, Sampler
 
+#: Odd 64-bit constant (the golden ratio's) mixing a seed with a stream number.
+_MIX_STREAM = 0x9E3779B97F4A7C15
+
 DenoiserWrapper = Callable[[DenoiseFn, ForwardProcess], DenoiseFn]
 
 
@@ -24,8 +27,26 @@ class SamplingModel(Protocol):
     first_stage: FirstStage
     device: torch.device
 
-    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any]) -> DenoiseFn:
+    def sampling_denoiser(self, process: ForwardProcess, batch: dict[str, Any],
+                          generator: torch.Generator | None = None) -> DenoiseFn:
         """The conditioned, guided denoiser the sampler calls on ``process``."""
+
+
+class GenerativeModel(SamplingModel, Protocol):
+    """A trained diffusion model that samples whole images (a cascade stage)."""
+
+    latent_shape: tuple[int, int, int]
+
+    def sample(self, num_samples: int | None = None, *, batch: dict[str, Any] | None = None,
+               noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Images in [-1, 1] from ``noise``, conditioned and guided by ``batch``."""
+
+
+def seeded_noise(process: ForwardProcess, shape: tuple[int, ...], seeds: list[int], stream: int = 0) -> Tensor:
+    """Prior noise of shape (len(seeds), *shape), item i drawn on the CPU from its own seed (mixed with ``stream``
+    for a second draw per seed, e.g. a cascade's later stage), so an image depends only on its seed."""
+    return torch.cat([process.prior_sample((1, *shape), generator=torch.Generator().manual_seed(
+        seed if stream == 0 else (seed * _MIX_STREAM + stream) % (1 << 63))) for seed in seeds])
 
 
 def sampling_process(model: SamplingModel) -> ForwardProcess:
@@ -58,7 +79,7 @@ def run_sampler(model: SamplingModel, x_start: Tensor, *, batch: dict[str, Any] 
     """Decoded images from the model's sampler started at ``x_start`` (latents at the grid's first time), with an
     optional per-step projection and an extra denoiser wrapper (applied after the model's guidance)."""
     process = sampling_process(model)
-    denoise = model.sampling_denoiser(process, batch or {})
+    denoise = model.sampling_denoiser(process, batch or {}, generator)
     if wrap is not None:
         denoise = wrap(denoise, process)
     latents = model.sampler.sample(denoise, process, x_start, grid=grid, generator=generator, project=project)

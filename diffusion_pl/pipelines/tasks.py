@@ -13,11 +13,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion_pl.conditioning import set_sampling_level
 from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.pipelines.inpainting import INPAINT_METHODS, InpaintMethod, inpaint
 from diffusion_pl.pipelines.interpolation import interpolate, interpolate_ddim
 from diffusion_pl.pipelines.masks import MASK_NAMES, load_mask, named_mask
-from diffusion_pl.pipelines.model import SamplingModel
+from diffusion_pl.pipelines.model import GenerativeModel, SamplingModel, seeded_noise
+from diffusion_pl.resampling import upsample
 from diffusion_pl.utils import to_uint8
 
 
@@ -55,6 +57,9 @@ class Inpaint(PredictTask):
         jump_length: RePaint's jump length.
         resample: RePaint's resampling count.
         conditional: Condition a class-conditional model on the item's label (else unconditional).
+
+    Text-guided inpainting: items with a ``"prompt"`` (``data.init_args.predict_prompts``) always pass it on, to a
+    text-conditional model's conditioner (``Text``) or to CLIP guidance, and record it (``prompts`` in samples.npz).
     """
 
     def __init__(self, method: InpaintMethod = "replace", mask: str = "center_box", mask_file: str | None = None,
@@ -79,12 +84,46 @@ class Inpaint(PredictTask):
         images = require_images(batch, "Inpaint")
         masks = self.masks(batch, images.shape[-1]).to(images)
         conditions = {"label": batch["label"]} if self.conditional else {}
-        out = inpaint(model, images, masks, method=self.method, batch=conditions, generator=generator,
+        prompts = {"prompt": list(batch["prompt"])} if "prompt" in batch else {}
+        out = inpaint(model, images, masks, method=self.method, batch={**conditions, **prompts}, generator=generator,
                       steps=self.steps, jump_length=self.jump_length, resample=self.resample)
         inputs, results = to_uint8(images).cpu(), to_uint8(out).cpu()
         masked = torch.where(masks.cpu().bool(), inputs, torch.full_like(inputs, 128))
         return {"samples": results, "panel": side_by_side(inputs, masked, results), "inputs": inputs,
-                "masks": masks.cpu().to(torch.uint8), "label": batch["label"].cpu(), "index": batch["index"].cpu()}
+                "masks": masks.cpu().to(torch.uint8), "label": batch["label"].cpu(), "index": batch["index"].cpu(),
+                **prompts}
+
+
+class SuperResolve(PredictTask):
+    """Super-resolve each input image with a super-resolution stage (its ``LowResImage`` conditioner): the inputs
+    are the low-res images (e.g. ``data.init_args.predict_images`` of 16x16 files for a 16 -> 32 stage).
+
+    The output's prior noise and the input's augmentation noise come from each item's seed. The panel shows the
+    input (nearest-neighbour upsampled), its bicubic upsampling and the model's output side by side.
+
+    Args:
+        sampling_level: The augmentation level of the inputs (default: the stage's own ``sampling_level``).
+    """
+
+    def __init__(self, sampling_level: float | None = None) -> None:
+        self.sampling_level = sampling_level
+
+    def __call__(self, model: GenerativeModel, batch: dict[str, Any], generator: torch.Generator) -> dict[str, Tensor]:
+        low = require_images(batch, "SuperResolve")
+        size = model.latent_shape[-1]
+        if size % low.shape[-1]:
+            raise ValueError(f"SuperResolve: the model makes {size}x{size} images, which the {low.shape[-1]}x"
+                             f"{low.shape[-2]} inputs do not divide: give low-res images of the stage's input size")
+        if self.sampling_level is not None:
+            set_sampling_level(model, self.sampling_level, "SuperResolve")
+        seeds = batch["seed"].tolist()
+        noise = seeded_noise(model.process, model.latent_shape, seeds).to(model.device)
+        out = model.sample(noise=noise, batch={"low_res": low, "seed": batch["seed"]}, generator=generator)
+        inputs = to_uint8(upsample(low, size, "nearest")).cpu()
+        bicubic = to_uint8(upsample(low, size, "bicubic")).cpu()
+        results = to_uint8(out).cpu()
+        return {"samples": results, "panel": side_by_side(inputs, bicubic, results), "low_res": to_uint8(low).cpu(),
+                "label": batch["label"].cpu(), "index": batch["index"].cpu()}
 
 
 class Interpolate(PredictTask):

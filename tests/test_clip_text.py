@@ -1,0 +1,101 @@
+"""Prompts from the command line: CLIP-guided and text-conditional `predict` write each sample's prompt; the Text
+conditioner (frozen CLIP text features, caption dropout) and its config."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_pl.callbacks import EMA
+from diffusion_pl.cli import build_cli
+from diffusion_pl.conditioning import Text
+from diffusion_pl.models import DiffusionModule
+from diffusion_pl.nets import UNet
+from diffusion_pl.nets.clip import CLIPNet, load_clip
+from helpers import REPO, tiny_args
+
+TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")
+DDPM = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
+PROMPTS = ["a photo of a 3", "a photo of a 7"]
+PREDICT = ["--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
+           "--model.init_args.sampler.steps=4", f"--data.init_args.predict_prompts={PROMPTS}"]
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    torch.manual_seed(0)
+    net = CLIPNet(image_size=8, in_channels=1, embed_dim=32, vision_layers=1, context_length=8, transformer_layers=1)
+    return str(net.export(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"))
+
+
+def fit(root: Path, config: str, *extra: str) -> Path:
+    cli = build_cli(tiny_args(root, "--trainer.max_steps=3", "--trainer.limit_val_batches=0", *extra, config=config),
+                    run=False)
+    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, EMA)]
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    return next(root.rglob("last.ckpt"))
+
+
+def predict(root: Path, config: str, ckpt: Path, *extra: str) -> dict[str, np.ndarray]:
+    build_cli(["predict", *tiny_args(root, *PREDICT, *extra, "--ckpt_path", str(ckpt), config=config)])
+    with np.load(next(root.rglob("samples.npz"))) as arrays:
+        return dict(arrays)
+
+
+def test_clip_guided_predict_writes_the_prompts(tmp_path: Path, encoder: str) -> None:
+    ckpt = fit(tmp_path / "ddpm", DDPM)
+    unguided = predict(tmp_path / "unguided", DDPM, ckpt)
+    guidance = (f"--model.init_args.guidance=[{{class_path: diffusion_pl.guidance.CLIP, init_args: "
+                f"{{model: '{encoder}', scale: 50.0, view: x0}}}}]")
+    guided = predict(tmp_path / "guided", DDPM, ckpt, guidance)
+    assert guided["prompts"].tolist() == PROMPTS * 2 and "prompts" not in unguided
+    assert guided["samples"].shape == unguided["samples"].shape == (4, 8, 8, 1)
+    assert not np.array_equal(guided["samples"], unguided["samples"])  # same seeds: the guidance moved them
+
+
+def test_text_cfg_config_trains_and_predicts_from_prompts(tmp_path: Path) -> None:
+    cli = build_cli(["fit", *tiny_args(tmp_path / "fit", "--trainer.fast_dev_run=true", config=TEXT_CFG)])
+    assert cli.trainer.global_step == 1 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    net = cli.model.denoiser.net
+    assert net.vector_dim == 64 and net.context_dim == 64 and isinstance(cli.model.conditioner, Text)
+    ckpt = fit(tmp_path / "fit3", TEXT_CFG)
+    out = predict(tmp_path / "predict", TEXT_CFG, ckpt)
+    assert out["prompts"].tolist() == PROMPTS * 2 and out["samples"].shape == (4, 8, 8, 1)
+    model = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()  # rebuilt with its Text part
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([50, 50])
+    with torch.no_grad():
+        eps = [model.sampling_denoiser(model.process, {"prompt": [p, p]})(x, t).eps for p in PROMPTS]
+    assert not torch.allclose(eps[0], eps[1])  # the prompt reaches the net
+
+
+def test_text_features_feed_vector_and_context_and_drop_to_the_empty_prompt(encoder: str) -> None:
+    text = Text(encoder, dropout=0.5)
+    clip = load_clip(encoder)
+    captions = [f"a photo of a {i}" for i in range(64)]
+    cond = text({"caption": captions}, training=True, generator=torch.Generator().manual_seed(0))
+    assert cond["vector"].shape == (64, 32) and cond["context"].shape == (64, 8, 64)
+    with torch.no_grad():
+        full, empty = clip.text_features(captions), clip.text_features([""])
+    dropped = torch.rand(64, generator=torch.Generator().manual_seed(0)) < 0.5  # the same draw as the conditioner
+    assert 10 < int(dropped.sum()) < 54
+    torch.testing.assert_close(cond["vector"][dropped], empty.pooled.expand(int(dropped.sum()), -1))
+    torch.testing.assert_close(cond["vector"][~dropped], full.pooled[~dropped])
+    torch.testing.assert_close(cond["context"][~dropped], full.tokens[~dropped])
+    null = text.null(cond)
+    torch.testing.assert_close(null["context"], empty.tokens.expand(64, -1, -1))
+    # Sampling reads batch["prompt"] and never drops.
+    torch.testing.assert_close(text({"prompt": captions}, training=False)["vector"], full.pooled)
+    assert not any(p.requires_grad for p in text.parameters())
+
+
+def test_net_without_the_text_routes_is_refused(encoder: str) -> None:
+    text = Text(encoder)
+    with pytest.raises(ValueError, match="vector_dim=32"):
+        text.check_net(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
+                            attention_resolutions=(4,)))
+    text.check_net(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,),
+                        vector_dim=32, context_dim=64))

@@ -1,0 +1,283 @@
+"""Streaming source (LitData): a folder converted by tools/convert_dataset.py streams what the in-memory source holds,
+two gloo processes each stream a disjoint half of an epoch, a resumed fit continues with the next unseen batch, and a
+directory that is not a converted dataset is a clear error."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from PIL import Image
+
+from ddp_probe import DDPM_FASHION, TINY_OVERRIDES, read_steps, subprocess_env, write_callbacks_config
+from diffusion_pl.cli import build_cli
+from diffusion_pl.data import ImageDataModule
+from diffusion_pl.data.streaming import NotOptimizedError, convert_source
+from diffusion_pl.errors import UserError
+from helpers import tiny_args
+
+REPO = Path(__file__).resolve().parent.parent
+PER_CLASS = 25  # 2 classes: 50 images, 2 held out for validation, 48 to train on
+FORMAT = {"image_size": 8, "channels": 3, "resize_mode": "resize"}
+
+
+def make_folder(root: Path) -> Path:
+    """Two classes of distinct images of varied sizes (landscape and portrait, so resize + crop matter), some with
+    caption files."""
+    rng = np.random.default_rng(0)
+    for label, name in enumerate(("cat", "dog")):
+        (root / name).mkdir(parents=True)
+        for i in range(PER_CLASS):
+            size = (12, 9) if i % 2 else (10, 16)
+            Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / name / f"{i:02d}.png")
+            if i % 5 == 0:
+                (root / name / f"{i:02d}.txt").write_text(f"{name} number {i}\n")
+    return root
+
+
+def convert_with_tool(folder: Path, output: Path, storage: str) -> None:
+    command = [sys.executable, str(REPO / "tools" / "convert_dataset.py"), "--source", "image_folder",
+               "--root", str(folder), "--output", str(output), "--image-size", "8", "--channels", "3",
+               "--resize-mode", "resize", "--storage", storage, "--val-fraction", "0.04"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_folder(tmp_path_factory.mktemp("folder"))
+
+
+@pytest.fixture(scope="module")
+def converted(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    output = tmp_path_factory.mktemp("converted") / "png"
+    convert_with_tool(folder, output, "png")
+    return output
+
+
+def items(dataset: torch.utils.data.Dataset) -> list[tuple[int, str, bytes]]:
+    """(label, caption, uint8 image bytes) of every item, sorted: the split as a multiset."""
+    found = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        pixels = ((item["image"] + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
+        found.append((int(item["label"]), item["caption"], pixels))
+    return sorted(found)
+
+
+def fingerprint(images: torch.Tensor) -> list[bytes]:
+    """One key per image of a batch: its exact pixel values."""
+    return [image.numpy().tobytes() for image in images]
+
+
+# ------------------------------------------------------------------------------------------------ same data
+
+
+@pytest.mark.parametrize("storage", ["png", "raw"])
+def test_converted_folder_streams_the_in_memory_images_labels_and_captions(
+        folder: Path, converted: Path, tmp_path: Path, storage: str) -> None:
+    if storage == "png":
+        root = converted
+    else:
+        root = tmp_path / "raw"
+        convert_source("image_folder", str(root), root=str(folder), storage="raw", val_fraction=0.04, **FORMAT)
+    memory = ImageDataModule("image_folder", root=str(folder), val_fraction=0.04, **FORMAT)
+    streamed = ImageDataModule("streaming", root=str(root), val_fraction=0.04, batch_size=4, **FORMAT)
+    assert streamed.class_names == memory.class_names == ["cat", "dog"]
+    memory.setup("fit")
+    streamed.setup("fit")
+    assert (len(streamed.train_set), len(streamed.val_set)) == (48, 2)
+    assert items(streamed.train_set) == items(memory.train_set)
+    assert items(streamed.val_set) == items(memory.val_set)  # the same hold-out
+    captions = {caption for _, caption, _ in items(memory.train_set) + items(memory.val_set)}
+    assert {f"cat number {i}" for i in range(0, PER_CLASS, 5)} <= captions and "a photo of a dog" in captions
+
+    batches = list(streamed.train_dataloader())  # one shuffled epoch of batch dicts covers the train split
+    assert len(batches) == 48 // 4 and batches[0]["image"].shape == (4, 3, 8, 8)
+    assert batches[0]["label"].dtype == torch.int64 and len(batches[0]["caption"]) == 4
+    images = ((torch.cat([batch["image"] for batch in batches]) + 1) * 127.5).round().to(torch.uint8)
+    assert sorted(fingerprint(images)) == sorted(fingerprint(memory.train_set.data.images))
+
+
+def test_whole_split_in_memory_for_reference_statistics(converted: Path, folder: Path) -> None:
+    streamed = ImageDataModule("streaming", root=str(converted), **FORMAT).load("train")
+    memory = ImageDataModule("image_folder", root=str(folder), val_fraction=0.04, **FORMAT)
+    memory.setup("fit")
+    assert sorted(fingerprint(streamed.images)) == sorted(fingerprint(memory.train_set.data.images))
+
+
+def test_an_array_source_converts_with_its_test_split(tmp_path: Path) -> None:
+    """digits (an in-memory array source like Fashion-MNIST and CIFAR-10): raw storage is exact, JPEG close."""
+    options = {"image_size": 8, "channels": 1, "resize_mode": "resize"}
+    memory = ImageDataModule("digits", **options)
+    memory.setup(None)
+    for storage in ("raw", "jpeg"):
+        convert_source("digits", str(tmp_path / storage), storage=storage, **options)
+        streamed = ImageDataModule("streaming", root=str(tmp_path / storage), **options)
+        streamed.setup(None)
+        assert streamed.class_names == memory.class_names
+        for split in ("train_set", "val_set", "test_set"):
+            ours, theirs = items(getattr(streamed, split)), items(getattr(memory, split))
+            assert [(label, caption) for label, caption, _ in ours] == [(label, caption) for label, caption, _ in theirs]
+            if storage == "raw":
+                assert ours == theirs
+        test = torch.stack([streamed.test_set[i]["image"] for i in range(len(streamed.test_set))])
+        reference = torch.stack([memory.test_set[i]["image"] for i in range(len(memory.test_set))])
+        assert len(test) == 297 and (test - reference).abs().mean() < (0.0 if storage == "raw" else 0.1) + 1e-6
+
+
+def test_streaming_overlay_trains_through_the_command_line(converted: Path, tmp_path: Path) -> None:
+    cli = build_cli(["fit", *tiny_args(tmp_path, "--config", str(REPO / "overlays" / "streaming.yaml"),
+                                       f"--data.init_args.root={converted}", "--data.init_args.num_workers=0",
+                                       "--data.init_args.batch_size=4", "--trainer.fast_dev_run=true")])
+    assert cli.datamodule.hparams.source == "streaming" and cli.datamodule.class_names == ["cat", "dog"]
+    assert cli.trainer.global_step == 1 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+
+
+# ------------------------------------------------------------------------------------------------ DDP shards
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stream_one_epoch(rank: int, world_size: int, port: int, root: str, out: str) -> None:
+    """One gloo rank: stream one training epoch and save the fingerprints of what it saw."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        dm = ImageDataModule("streaming", root=root, batch_size=4, **FORMAT)
+        dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, training=True)
+        dm.setup("fit")
+        seen = [key for batch in dm.train_dataloader() for key in fingerprint(batch["image"])]
+        whole = fingerprint(dm.load("train").images)  # the whole split (FID reference statistics), not the shard
+        torch.save((seen, whole), Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_stream_disjoint_halves_of_an_epoch(converted: Path, tmp_path: Path) -> None:
+    mp.start_processes(_stream_one_epoch, args=(2, _free_port(), str(converted), str(tmp_path)), nprocs=2,
+                       start_method="fork")
+    (rank0, whole0), (rank1, whole1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert len(rank0) == len(rank1) == 24
+    assert not set(rank0) & set(rank1)
+    single = ImageDataModule("streaming", root=str(converted), batch_size=4, **FORMAT)
+    single.setup("fit")
+    everything = [key for batch in single.train_dataloader() for key in fingerprint(batch["image"])]
+    assert sorted(rank0 + rank1) == sorted(everything) and len(everything) == 48
+    assert sorted(whole0) == sorted(whole1) == sorted(fingerprint(single.load("train").images))
+    assert len(set(whole0)) == 48
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+
+
+class Recorder(L.LightningModule):
+    """Records the images of every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(()))
+        self.seen: list[list[bytes]] = []
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        self.seen.append(fingerprint(batch["image"]))
+        return self.weight * batch["image"].mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit(root: Path, data: Path, workers: int, ckpt_path: str | None = None) -> Recorder:
+    dm = ImageDataModule("streaming", root=str(data), batch_size=4, num_workers=workers, **FORMAT)
+    model = Recorder()
+    saving = ckpt_path is None
+    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1)]
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+                        default_root_dir=root, enable_checkpointing=saving, callbacks=callbacks if saving else [])
+    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_mid_epoch_continues_with_the_next_unseen_batch(converted: Path, tmp_path: Path, workers: int) -> None:
+    full = _fit(tmp_path / "full", converted, workers)
+    assert len(full.seen) == 2 * 12 and full.seen[:12] != full.seen[12:]  # two epochs, reshuffled
+    for step in (5, 15):  # mid-epoch 0 and mid-epoch 1
+        ckpt = next((tmp_path / "full").glob(f"*step={step}.ckpt"))
+        resumed = _fit(tmp_path / f"resume{step}", converted, workers, ckpt_path=str(ckpt))
+        assert resumed.seen == full.seen[step:]
+
+
+def _cli_fit(root: Path, data: Path, callbacks: Path, max_steps: int, *extra: str) -> subprocess.Popen:
+    """``python -m diffusion_pl fit`` of a tiny net on the converted data, the probe recording every step."""
+    command = [sys.executable, "-m", "diffusion_pl", "fit", "--config", DDPM_FASHION, "--config", str(callbacks),
+               f"--trainer.default_root_dir={root}", *TINY_OVERRIDES, "--data.init_args.source=streaming",
+               f"--data.init_args.root={data}", "--data.init_args.image_size=8", "--data.init_args.channels=3",
+               "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0", f"--trainer.max_steps={max_steps}",
+               *extra]
+    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen) -> None:
+    _, errors = process.communicate(timeout=300)
+    assert process.returncode == 0, errors[-3000:]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_with_the_next_unseen_batch(converted: Path, tmp_path: Path) -> None:
+    """A real SIGKILL mid-epoch; the run resumed from its last checkpoint streams the rest of that epoch, then the
+    next epoch, in the order of two uninterrupted epochs."""
+    callbacks = write_callbacks_config(tmp_path / "callbacks.yaml", every_n_steps=5)
+    killed = _cli_fit(tmp_path / "killed", converted, callbacks, 10_000)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "killed").rglob("*step=5.ckpt")) and killed.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint at step 5"
+        time.sleep(0.1)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.communicate()
+    ckpt = next((tmp_path / "killed").rglob("*step=5.ckpt"))
+    _finish(_cli_fit(tmp_path / "resumed", converted, callbacks, 20, f"--ckpt_path={ckpt}"))
+
+    uninterrupted = ImageDataModule("streaming", root=str(converted), batch_size=4, **FORMAT)  # seed 0, as the CLI
+    uninterrupted.setup("fit")
+    loader = uninterrupted.train_dataloader()
+    sums = [float(batch["image"].sum()) for _ in range(2) for batch in loader]  # 2 epochs of 12 batches
+    resumed = [(step, total) for _, step, _, total in read_steps(tmp_path / "resumed", 0)]
+    assert [step for step, _ in resumed] == list(range(6, 21))
+    assert [total for _, total in resumed] == pytest.approx(sums[5:20], abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_a_directory_that_is_not_converted_is_a_clear_error(folder: Path, tmp_path: Path) -> None:
+    for root in (folder, tmp_path / "absent"):
+        with pytest.raises(NotOptimizedError, match="tools/convert_dataset.py") as error:
+            ImageDataModule("streaming", root=str(root), **FORMAT).setup("fit")
+        assert isinstance(error.value, UserError) and str(root) in str(error.value)
+    with pytest.raises(ValueError, match="data.root"):
+        ImageDataModule("streaming")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        convert_source("image_folder", str(tmp_path / "out"), root=str(folder), **FORMAT)
