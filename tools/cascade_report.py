@@ -2,10 +2,10 @@
 
     python3 tools/cascade_report.py --classifier CLEAN_CLASSIFIER.ckpt --base BASE16.ckpt --sr SR.ckpt \
         [--sr NO_AUGMENTATION_SR.ckpt ...] [--demo SINGLE_STAGE_32.ckpt] [--num 1000] [--steps 50] \
-        [--levels 0,0.05,0.1,0.2,0.3] [--out runs/cascade_report]
+        [--real-levels 0] [--levels 0,0.05,0.1,0.2,0.3] [--out runs/cascade_report]
 
 1. SR alone on real images: the first --num test images, averaged over 2x2 blocks to 16x16, super-resolved by each
-   --sr stage at each level; PSNR and SSIM against the real 32x32 images and the consistency error
+   --sr stage at each of --real-levels; PSNR and SSIM against the real 32x32 images and the consistency error
    ||down(SR) - x_low||, beside bicubic (and bilinear) upsampling.
 2. The cascade (base + first --sr) against the single-stage --demo model: domain FID (the clean classifier's
    features; real test images as reference, the floor from as many real train images) and sampling seconds per image.
@@ -40,6 +40,25 @@ from diffusion_pl.pipelines import seeded_noise  # noqa: E402
 from diffusion_pl.resampling import downsample, upsample  # noqa: E402
 from diffusion_pl.samplers import DDIM, DDPM, Sampler  # noqa: E402
 from diffusion_pl.utils import from_uint8, to_uint8  # noqa: E402
+
+
+class Report:
+    """Markdown lines, printed and appended to a file as they come (a long run shows its progress)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+
+    def append(self, line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+        with self.path.open("a") as file:
+            file.write(line + "\n")
+
+    def extend(self, lines: list[str]) -> None:
+        for line in lines:
+            self.append(line)
 
 
 def load(path: str, sampler: Sampler) -> DiffusionModule:
@@ -83,6 +102,8 @@ def main() -> None:
     parser.add_argument("--sr-steps", type=int, default=50, help="ancestral DDPM steps of the SR stages")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--levels", type=lambda text: [float(v) for v in text.split(",")], default=[0.0, 0.1, 0.2])
+    parser.add_argument("--real-levels", type=lambda text: [float(v) for v in text.split(",")], default=[0.0],
+                        help="the sampling levels of the SR stages on real low-res images (1.)")
     parser.add_argument("--level", type=float, default=None,
                         help="the cascade's sampling level (default: the first --sr stage's own)")
     parser.add_argument("--out", default="runs/cascade_report")
@@ -95,16 +116,16 @@ def main() -> None:
     floor = frechet_distance(extractor, reference, from_uint8(train.images[: args.num]))
     srs = {path: load(path, DDPM(steps=args.sr_steps)) for path in args.sr}
     own_levels = {path: model.conditioner.sampling_level for path, model in srs.items()}
-    lines: list[str] = []
+    lines = Report(out / "report.md")
 
     real = from_uint8(test.images[: args.num])
     low = downsample(real, 2)
-    lines += ["## 1. SR of real 16x16 test images", "",
+    lines.extend(["## 1. SR of real 16x16 test images", "",
               "| method | PSNR (dB) | SSIM | consistency (RMS of down(SR) - x_low) |", "|---|---|---|---|",
               fidelity_row("bicubic", quantized(upsample(low, 32, "bicubic")), real, low),
-              fidelity_row("bilinear", quantized(upsample(low, 32, "bilinear")), real, low)]
+              fidelity_row("bilinear", quantized(upsample(low, 32, "bilinear")), real, low)])
     for path, model in srs.items():
-        for level in args.levels:
+        for level in args.real_levels:
             set_sampling_level(model, level, path)
             images, _ = generate(model, args.num, args.batch_size, low_res=low)
             lines.append(fidelity_row(f"{path} s={level:g}", quantized(images), real, low))
@@ -116,34 +137,35 @@ def main() -> None:
     level = args.level if args.level is not None else own_levels[first]
     set_sampling_level(model, level, first)
     cascade_images, sr_time = generate(model, args.num, args.batch_size, low_res=base_images, stream=1)
-    lines += ["", "## 2. Cascade against the single-stage model", "",
-              "| model | domain FID | sampling s/image |", "|---|---|---|",
-              f"| cascade: {args.base} + {first} (s={level:g}) | {frechet_distance(extractor, reference, quantized(cascade_images)):.4g} "
-              f"| {base_time + sr_time:.4f} (base {base_time:.4f} + SR {sr_time:.4f}) |"]
+    lines.extend(["", "## 2. Cascade against the single-stage model", "",
+                  "| model | domain FID | sampling s/image |", "|---|---|---|",
+                  f"| cascade: {args.base} + {first} (s={level:g}) | "
+                  f"{frechet_distance(extractor, reference, quantized(cascade_images)):.4g} "
+                  f"| {base_time + sr_time:.4f} (base {base_time:.4f} + SR {sr_time:.4f}) |"])
     if args.demo:
         demo_images, demo_time = generate(load(args.demo, DDIM(steps=args.steps)), args.num, args.batch_size)
         lines.append(f"| single stage: {args.demo} | {frechet_distance(extractor, reference, quantized(demo_images)):.4g}"
                      f" | {demo_time:.4f} |")
     lines.append(f"| real train images (floor) | {floor:.4g} | |")
 
-    lines += ["", "## 3. SR of the base model's generated 16x16 images (CDM ablation): domain FID", "",
-              "| SR stage | " + " | ".join(f"s={v:g}" for v in args.levels) + " |",
-              "|---|" + "---|" * len(args.levels)]
+    lines.extend(["", "## 3. SR of the base model's generated 16x16 images (CDM ablation): domain FID", "",
+                  "| SR stage | " + " | ".join(f"s={v:g}" for v in args.levels) + " |",
+                  "|---|" + "---|" * len(args.levels)])
     for path, model in srs.items():
         fids = []
-        for level in args.levels:
-            set_sampling_level(model, level, path)
-            images, _ = generate(model, args.num, args.batch_size, low_res=base_images, stream=1)
+        for sweep_level in args.levels:
+            if (path, sweep_level) == (first, level):
+                images = cascade_images
+            else:
+                set_sampling_level(model, sweep_level, path)
+                images, _ = generate(model, args.num, args.batch_size, low_res=base_images, stream=1)
             fids.append(f"{frechet_distance(extractor, reference, quantized(images)):.4g}")
         lines.append(f"| {path} | " + " | ".join(fids) + " |")
 
     count = min(8, args.num)
     rows = torch.cat([upsample(base_images[:count], 32, "nearest"), cascade_images[:count]])
     grid = save_png(uint8_grid(to_uint8(rows), nrow=count), out / "cascade_grid.png")
-    lines += ["", f"Grid (row 1: base 16x16 samples, row 2: their SR): {grid}"]
-    text = "\n".join(lines) + "\n"
-    (out / "report.md").write_text(text)
-    sys.stdout.write(text)
+    lines.extend(["", f"Grid (row 1: base 16x16 samples, row 2: their SR): {grid}"])
 
 
 if __name__ == "__main__":
