@@ -73,6 +73,12 @@ class BucketAccuracy(Metric):
         """Accuracy per bucket; NaN for a bucket without samples."""
         return self.correct.double() / self.total.double()
 
+    def take(self, name: str) -> dict[str, Tensor]:
+        """``{name}_{k}``: the accuracy of each bucket k that has samples; then reset for the next evaluation."""
+        values = self.compute()
+        self.reset()
+        return {f"{name}_{k}": v for k, v in enumerate(values.float()) if not v.isnan()}
+
 
 class ClassifierModule(CheckpointChecks, pl.LightningModule):
     """Cross-entropy training of an :class:`EncoderClassifier`, logging ``{train,val,test}/{loss,acc}``.
@@ -174,11 +180,7 @@ class ClassifierModule(CheckpointChecks, pl.LightningModule):
         """Log (and reset) the per-noise-level accuracy of ``stage``; buckets without samples are skipped."""
         if self.bucket_accuracy is None:
             return
-        metric = self.bucket_accuracy[f"{stage}_acc"]
-        values = metric.compute()
-        metric.reset()
-        self.log_dict({f"{stage}/acc_noise_{k}": v for k, v in enumerate(values.float()) if not v.isnan()},
-                      sync_dist=True)
+        self.log_dict(self.bucket_accuracy[f"{stage}_acc"].take(f"{stage}/acc_noise"), sync_dist=True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._step(batch, "train", None)

@@ -195,11 +195,7 @@ class CLIPModule(CheckpointChecks, pl.LightningModule):
         """Log (and reset) the zero-shot accuracy per noise bucket; empty buckets are skipped."""
         if self.bucket_accuracy is None:
             return
-        metric = self.bucket_accuracy[f"{stage}_acc"]
-        values = metric.compute()
-        metric.reset()
-        self.log_dict({f"{stage}/clip_acc_noise_{k}": v for k, v in enumerate(values.float()) if not v.isnan()},
-                      sync_dist=True)
+        self.log_dict(self.bucket_accuracy[f"{stage}_acc"].take(f"{stage}/clip_acc_noise"), sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_buckets("val")
