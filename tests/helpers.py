@@ -29,6 +29,18 @@ TINY_CLIP = [
     "--model.init_args.net.init_args.vision_layers=1",
     "--model.init_args.net.init_args.transformer_layers=1",
 ]
+# An autoencoder's net (configs/ldm/*autoencoder*) has no attention resolutions: two 8-wide levels (8x8 -> 4x4); its
+# discriminator one stride-2 layer (the 8x8 images have no room for more) on the tiny data's one channel.
+TINY_AE_NET = [
+    "--model.init_args.net.init_args.base_channels=8",
+    "--model.init_args.net.init_args.channel_mult=[1,2]",
+    "--model.init_args.net.init_args.num_res_blocks=1",
+]
+TINY_AE_DISCRIMINATOR = [
+    "--model.init_args.discriminator.init_args.base_channels=8",
+    "--model.init_args.discriminator.init_args.num_layers=1",
+    "--model.init_args.discriminator.init_args.in_channels=1",
+]
 TINY_DATA = [
     "--data.init_args.source=digits",
     "--data.init_args.image_size=8",
@@ -40,26 +52,33 @@ TINY_DATA = [
 # steps, which a sampler checks when it is built).
 TINY_DISCRETE = ["--model.init_args.process.init_args.num_steps=100"]
 TINY_STEPS = ["--model.init_args.sampler.steps=100"]
+# The first stage of tiny latent-diffusion runs (tiny_first_stage).
+TINY_AUTOENCODER = Path(tempfile.gettempdir()) / "diffusion_pl_tiny_autoencoder.ckpt"
 
 
 def tiny_args(root: Path, *extra: str, config: str = DDPM_FASHION) -> list[str]:
     """CLI arguments (without the subcommand) for a tiny run of ``config`` writing under ``root``."""
     return ["--config", config, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", *tiny_net(Path(config).read_text()), *TINY_DATA,
-            *tiny_process(Path(config).read_text()), *tiny_text_encoder(Path(config).read_text()), *extra]
+            *tiny_process(Path(config).read_text()), *tiny_text_encoder(Path(config).read_text()),
+            *tiny_first_stage(Path(config).read_text()), *extra]
 
 
 def tiny_net(config_text: str) -> list[str]:
-    """The overrides that make a config's net tiny: a CLIPNet's layers, or the UNet's (and classifier's) widths (a
-    super-resolution stage's low-res condition gets the tiny data's one channel)."""
+    """The overrides that make a config's net tiny: a CLIPNet's layers, an autoencoder's (and its discriminator's)
+    widths, or the UNet's (and classifier's) widths (a super-resolution stage's low-res condition gets the tiny
+    data's one channel)."""
     if "diffusion_pl.nets.clip.CLIPNet" in config_text:
         return TINY_CLIP
+    if "diffusion_pl.models.AutoencoderModule" in config_text:
+        return TINY_AE_NET + (TINY_AE_DISCRIMINATOR if "PatchDiscriminator" in config_text else [])
     return TINY_NET + (TINY_SR if "LowResImage" in config_text else [])
 
 
 def tiny_text_encoder(config_text: str) -> list[str]:
     """For a text-conditional config, a tiny CLIP as its Text conditioner's encoder (the configured one is a trained
-    checkpoint under runs/): 64-wide towers of one layer, 8 tokens, written once per machine (atomically)."""
+    checkpoint under runs/): 64-wide towers of one layer, 8 tokens, written once per machine (atomically); the net's
+    text routes get its widths."""
     if "diffusion_pl.conditioning.Text" not in config_text:
         return []
     path = Path(tempfile.gettempdir()) / "diffusion_pl_tiny_text_clip.pt"
@@ -69,7 +88,39 @@ def tiny_text_encoder(config_text: str) -> list[str]:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             CLIPNet(image_size=8, vision_layers=1, transformer_layers=1, context_length=8).export(path)
-    return [f"--model.init_args.conditioner.init_args.encoder={path}"]
+    widths = [f"--model.init_args.net.init_args.{name}=64" for name in ("vector_dim", "context_dim")
+              if f"{name}:" in config_text]  # the tiny CLIP's embedding and text widths
+    return [f"--model.init_args.conditioner.init_args.encoder={path}", *widths]
+
+
+def write_autoencoder_checkpoint(net: torch.nn.Module, path: Path) -> Path:
+    """``net`` saved as an ``AutoencoderModule`` checkpoint stores it: its spec under ``net``, its weights under
+    ``autoencoder.`` (what the ``Autoencoder`` first stage loads), with the verified-checkpoint checksum."""
+    from diffusion_pl.checkpoint_file import write_checkpoint
+    from diffusion_pl.nets.spec import spec_of
+
+    state = {f"autoencoder.{name}": value for name, value in net.state_dict().items()}
+    write_checkpoint({"state_dict": state, "hyper_parameters": {"net": spec_of(net)}}, path)
+    return path
+
+
+def tiny_first_stage(config_text: str) -> list[str]:
+    """For a latent-diffusion config, a tiny KL autoencoder (8x8x1 -> 4x4x4, untrained) as its first stage, written
+    once per machine, a small latent-scale estimate, and cross-attention at the tiny net's 4x4 level."""
+    if "diffusion_pl.nets.first_stage.Autoencoder" not in config_text:
+        return []
+    path = TINY_AUTOENCODER
+    if not path.is_file():
+        from diffusion_pl.nets.autoencoder import KLAutoencoder
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            write_autoencoder_checkpoint(KLAutoencoder(in_channels=1, latent_channels=4, base_channels=8,
+                                                       channel_mult=(1, 2)), path)
+    cross = (["--model.init_args.net.init_args.cross_attention_resolutions=[4]"]
+             if "cross_attention_resolutions" in config_text else [])
+    return [f"--model.init_args.first_stage.init_args.checkpoint={path}",
+            "--model.init_args.first_stage.init_args.calibration_images=256", *cross]
 
 
 def tiny_process(config_text: str) -> list[str]:

@@ -23,6 +23,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,16 +68,16 @@ def load(path: str, sampler: Sampler) -> DiffusionModule:
 
 @torch.no_grad()
 def generate(model: DiffusionModule, num: int, batch_size: int, low_res: Tensor | None = None,
-             stream: int = 0) -> tuple[Tensor, float]:
-    """``num`` images from seeds 0 .. num - 1 (on ``low_res`` for an SR stage) and the seconds per image."""
+             stream: int = 0, conditions: dict[str, Any] | None = None) -> tuple[Tensor, float]:
+    """``num`` images from seeds 0 .. num - 1 and the seconds per image; image i is conditioned on entry i of
+    ``low_res`` (an SR stage) and of each of ``conditions`` (e.g. ``label``, ``prompt``)."""
+    conditions = dict(conditions or {}, **({} if low_res is None else {"low_res": low_res}))
     images, began = [], time.perf_counter()
     generator = torch.Generator().manual_seed(stream)  # the step noise of stochastic samplers
     for start in range(0, num, batch_size):
         seeds = list(range(start, min(start + batch_size, num)))
         noise = seeded_noise(model.process, model.latent_shape, seeds, stream)
-        batch = {"seed": torch.tensor(seeds)}
-        if low_res is not None:
-            batch["low_res"] = low_res[start:start + len(seeds)]
+        batch = {"seed": torch.tensor(seeds), **{key: value[start:start + len(seeds)] for key, value in conditions.items()}}
         images.append(model.sample(noise=noise, batch=batch, generator=generator).clamp(-1, 1))
     return torch.cat(images), (time.perf_counter() - began) / num
 

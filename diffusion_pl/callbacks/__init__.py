@@ -5,6 +5,7 @@ from diffusion_pl.callbacks.checkpoint_io import VerifiedCheckpointIO
 from diffusion_pl.callbacks.ema import EMA, averaged_module
 from diffusion_pl.callbacks.fid import FID
 from diffusion_pl.callbacks.preemption import SlurmRequeue
+from diffusion_pl.callbacks.reconstruction_grid import ReconstructionGrid
 from diffusion_pl.callbacks.rng_state import ResumeRNGState
 from diffusion_pl.callbacks.run_directory import RunDirectory
 from diffusion_pl.callbacks.sample_grid import SampleGrid
@@ -12,5 +13,5 @@ from diffusion_pl.callbacks.sample_writer import SampleWriter
 from diffusion_pl.callbacks.speed import TrainingSpeed
 from diffusion_pl.callbacks.super_resolution import SuperResolutionMetrics
 
-__all__ = ["EMA", "FID", "ResumeRNGState", "RunDirectory", "SampleGrid", "SampleWriter", "SlurmRequeue",
+__all__ = ["EMA", "FID", "ReconstructionGrid", "ResumeRNGState", "RunDirectory", "SampleGrid", "SampleWriter", "SlurmRequeue",
            "SuperResolutionMetrics", "TrainingSpeed", "VerifiedCheckpointIO", "averaged_module"]

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EMAWeightAveraging
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextlib.contextmanager
@@ -30,6 +30,46 @@ def _partials_detached(module: nn.Module) -> Iterator[None]:
             setattr(module, name, value)
 
 
+def frozen_submodules(module: nn.Module) -> list[nn.Module]:
+    """The outermost submodules of ``module`` that have parameters, none of them trainable (a first stage, a frozen
+    text encoder, a guiding classifier)."""
+    found = []
+    for child in module.children():
+        parameters = list(child.parameters())
+        if parameters and not any(p.requires_grad for p in parameters):
+            found.append(child)
+        else:
+            found.extend(frozen_submodules(child))
+    return found
+
+
+@contextlib.contextmanager
+def _frozen_shared(module: nn.Module) -> Iterator[None]:
+    """Temporarily make a deep copy of ``module`` share its frozen submodules instead of copying them: an average of
+    constant weights is those weights, and a shared stage keeps what is set on it later (e.g. the latent scale that
+    a first stage estimates when fitting starts, after the averaged copy is made)."""
+    frozen = frozen_submodules(module)
+    for part in frozen:
+        object.__setattr__(part, "__deepcopy__", functools.partial(_same, part))
+    try:
+        yield
+    finally:
+        for part in frozen:
+            object.__delattr__(part, "__deepcopy__")
+
+
+def _same(part: nn.Module, memo: dict) -> nn.Module:
+    return part
+
+
+def ema_update(averaged: Tensor, current: Tensor, num_averaged: Tensor, *, decay: float) -> Tensor:
+    """decay * averaged + (1 - decay) * current; a tensor shared by the model and its average (a frozen submodule)
+    is returned as it is (the float rounding of the update would otherwise change it a little at every step)."""
+    if averaged.data_ptr() == current.data_ptr():
+        return averaged
+    return decay * averaged + (1.0 - decay) * current
+
+
 class EMA(EMAWeightAveraging):
     """EMA of all weights, theta_ema <- decay theta_ema + (1 - decay) theta (Ho et al. 2020 use decay 0.9999).
 
@@ -37,7 +77,8 @@ class EMA(EMAWeightAveraging):
     ``state_dict`` (so ``validate``/``test``/``predict`` from a checkpoint use them) and keeps the raw
     weights and the averaging state for exact resume. Unlike the base class, the averaged copy lives on
     the training device (the base class would build it before the model moves to the GPU), and the raw
-    weights stay in the model after ``fit`` (use a checkpoint or :func:`averaged_module` for the average).
+    weights stay in the model after ``fit`` (use a checkpoint or :func:`averaged_module` for the average). Frozen
+    submodules (a latent model's first stage, a frozen text encoder) are shared with the averaged copy, not copied.
 
     Args:
         decay: EMA decay per update.
@@ -53,11 +94,12 @@ class EMA(EMAWeightAveraging):
         super().__init__(device=device, decay=decay, update_every_n_steps=update_every_n_steps,
                          update_starting_at_step=update_starting_at_step)
         self.decay = decay
+        self._kwargs["avg_fn"] = functools.partial(ema_update, decay=decay)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._device is None:
             self._device = trainer.strategy.root_device
-        with _partials_detached(pl_module):
+        with _partials_detached(pl_module), _frozen_shared(pl_module):
             super().setup(trainer, pl_module, stage)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -60,3 +60,39 @@ class ClassLabel(Conditioner):
                       real: Tensor | None = None) -> dict[str, Tensor]:
         """Labels cycling through the classes 0, 1, ..., K - 1, 0, ..."""
         return {"label": torch.arange(num_samples, device=device) % self.num_classes}
+
+
+class ClassContext(ClassLabel):
+    """``batch["label"]`` -> one learned context token per sample, ``{"context": (B, 1, dim)}``, attended to by the
+    net's cross-attention blocks (Rombach et al. 2022, Sec. 3.3: tau(y) for class labels is a learned embedding,
+    LDM's ClassEmbedder). Row ``num_classes`` of the table is the null token: labels dropped while training (with
+    probability ``dropout``) and the unconditional branch of classifier-free guidance use it.
+
+    Args:
+        num_classes: Number of classes.
+        dim: Width of the token; the net needs ``context_dim`` = ``dim``.
+        dropout: Probability of dropping a label while training.
+    """
+
+    def __init__(self, num_classes: int, dim: int = 64, dropout: float = 0.1) -> None:
+        super().__init__(num_classes, dropout)
+        if dim < 1:
+            raise ValueError(f"ClassContext needs dim >= 1, got {dim}")
+        self.dim = dim
+        self.embedding = nn.Embedding(num_classes + 1, dim)
+
+    def check_net(self, net: nn.Module) -> None:
+        if getattr(net, "context_dim", None) != self.dim:
+            raise ValueError(f"ClassContext(dim={self.dim}) needs a net with cross-attention to tokens of that width; "
+                             f"the net has context_dim={getattr(net, 'context_dim', None)}: set "
+                             f"model.init_args.net.init_args.context_dim: {self.dim}")
+        if getattr(net, "num_classes", None) is not None:
+            raise ValueError("ClassContext gives the class through cross-attention, but the net also has a class "
+                             "embedding (num_classes): set model.init_args.net.init_args.num_classes: null")
+
+    def forward(self, batch: dict[str, Any], *, training: bool, generator: torch.Generator | None = None) -> NetKwargs:
+        return {"context": self.embedding(super().forward(batch, training=training, generator=generator)["y"])[:, None]}
+
+    def null(self, cond: NetKwargs) -> NetKwargs:
+        null_label = torch.full((cond["context"].shape[0],), self.null_label, device=cond["context"].device)
+        return {"context": self.embedding(null_label)[:, None]}

@@ -2,7 +2,7 @@
 
 Streaming (LitData) lives in :mod:`diffusion_pl.data.streaming`, imported only when a ``streaming`` source is used."""
 
-from diffusion_pl.data.datamodule import ImageDataModule, ImageDataset, SeedDataset
+from diffusion_pl.data.datamodule import ImageDataModule, ImageDataset, SeedDataset, calibration_batches
 from diffusion_pl.data.sampler import ResumableDataLoader, ResumableSampler
 from diffusion_pl.data.sources import (
     SOURCE_NAMES,
@@ -24,6 +24,7 @@ __all__ = [
     "ResumableDataLoader",
     "ResumableSampler",
     "SeedDataset",
+    "calibration_batches",
     "convert_images",
     "load_split",
     "source_class_names",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 import lightning as L
@@ -13,6 +13,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from diffusion_pl.data.predict_inputs import load_predict_images
+from diffusion_pl.errors import ConfigError
 from diffusion_pl.data.sampler import ResumableDataLoader, ResumableSampler
 from diffusion_pl.data.sources import (
     ROOTED_SOURCES,
@@ -322,6 +323,15 @@ class ImageDataModule(L.LightningDataModule):
             return None
         return torch.stack([dataset[i]["image"] for i in range(min(num_images, len(dataset)))])
 
+    def training_image_batches(self, num_images: int) -> Iterator[Tensor]:
+        """This process's share (every world-size-th, from its rank) of the first ``num_images`` training images in
+        [-1, 1], in batches of ``batch_size``, unshuffled: all processes together see each image once."""
+        dataset = self._require(self.train_set, "fit")
+        world_size, rank = self._world()
+        indices = range(rank, min(num_images, len(dataset)), world_size)
+        for start in range(0, len(indices), self.hparams.batch_size):
+            yield torch.stack([dataset[i]["image"] for i in indices[start:start + self.hparams.batch_size]])
+
     # ------------------------------------------------------------------------------------------- loaders
 
     def _loader_kwargs(self) -> dict[str, Any]:
@@ -442,3 +452,14 @@ class ImageDataModule(L.LightningDataModule):
         self._flip_batches = int(state_dict.get("flip_batches", 0))
         if (state := state_dict.get("flip_generator")) is not None:
             self._flip_generator.set_state(state)
+
+
+def calibration_batches(datamodule: Any, num_images: int) -> Iterator[Tensor]:
+    """The training images a first stage estimates its constants from (e.g. the latent scale): this process's share
+    of the first ``num_images``, from an :class:`ImageDataModule`."""
+    if not isinstance(datamodule, ImageDataModule):
+        raise ConfigError("the first stage estimates its latent scale from the training images of an ImageDataModule; "
+                          f"this run's data is {type(datamodule).__name__}: use data: class_path: "
+                          "diffusion_pl.data.ImageDataModule, or give the scale: "
+                          "model.init_args.first_stage.init_args.scale")
+    return datamodule.training_image_batches(num_images)

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from diffusion_pl.conditioning import Conditioner
+from diffusion_pl.data import calibration_batches
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.likelihood import Likelihood
 from diffusion_pl.losses import DenoisingLoss, SimpleLoss
@@ -141,7 +142,7 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         comparable across evaluations, and the global RNG is untouched (exact resume)."""
         seed = batch_idx + 1000 * self.global_rank
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        latents, cond = self.first_stage.encode(batch["image"]), self.condition(batch)
+        latents, cond = self.first_stage.encode(batch["image"], generator), self.condition(batch)
         metrics = {"loss": self.loss_fn(self.denoiser, latents, generator=generator, **cond).mean()}
         metrics.update(self.likelihood.metrics(stage, self.denoiser, cond, latents, generator, seed))
         for name, value in metrics.items():
@@ -231,5 +232,10 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
                                       for key in self.condition_keys if key in batch}}
 
     def on_fit_start(self) -> None:
-        """Log the hyperparameters that define the run, beside its metrics (TensorBoard HPARAMS)."""
+        """Log the hyperparameters that define the run, beside its metrics (TensorBoard HPARAMS); let the first stage
+        estimate what it needs from the training images of all processes (a latent scale, unless resumed)."""
         log_run_hparams(self, self.denoiser, RUN_METRICS)
+        num_images = self.first_stage.calibration_images
+        if num_images:
+            batches = calibration_batches(self.trainer.datamodule, num_images)
+            self.first_stage.calibrate(batches, lambda sums: self.trainer.strategy.reduce(sums, reduce_op="sum"))

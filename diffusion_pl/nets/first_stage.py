@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import abc
+import math
+from collections.abc import Callable, Iterable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_pl.errors import ConfigError
+from diffusion_pl.nets.loading import load_checkpoint, rebuild
 from diffusion_pl.nets.spec import Configurable
 
 Shape = tuple[int, int, int]
+#: Sums a tensor over all processes (``trainer.strategy.reduce(x, reduce_op="sum")``; the identity on one process).
+ReduceSum = Callable[[Tensor], Tensor]
 
 
 class FirstStage(Configurable, nn.Module, abc.ABC):
@@ -17,8 +24,9 @@ class FirstStage(Configurable, nn.Module, abc.ABC):
     z; grids, predict and FID decode. A first stage is frozen: it is not trained with the diffusion model."""
 
     @abc.abstractmethod
-    def encode(self, images: Tensor) -> Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> latents (B, *latent_shape)."""
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latents (B, *latent_shape); a stochastic encoder draws from
+        ``generator`` (the global RNG when None)."""
 
     @abc.abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
@@ -33,6 +41,15 @@ class FirstStage(Configurable, nn.Module, abc.ABC):
         """Whether predicted x0 may be clamped to [-1, 1] while sampling (pixels: yes; latents: no)."""
         return False
 
+    @property
+    def calibration_images(self) -> int:
+        """How many training images :meth:`calibrate` wants before fitting starts (0: none, nothing to estimate)."""
+        return 0
+
+    def calibrate(self, batches: Iterable[Tensor], reduce_sum: ReduceSum) -> None:
+        """Estimate data-dependent constants from this process's share of the training images (``batches``),
+        summing statistics over all processes with ``reduce_sum``. Called once, when a fit starts."""
+
 
 class IdentityStage(FirstStage):
     """Pixel-space diffusion: the latent is the image."""
@@ -40,7 +57,7 @@ class IdentityStage(FirstStage):
     def __init__(self) -> None:
         super().__init__()
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return images
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -69,7 +86,7 @@ class SpaceToDepth(FirstStage):
             raise ValueError(f"SpaceToDepth factor must be >= 1, got {factor}")
         self.factor = factor
 
-    def encode(self, images: Tensor) -> Tensor:
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         return F.pixel_unshuffle(images, self.factor)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -81,3 +98,95 @@ class SpaceToDepth(FirstStage):
             raise ValueError(f"SpaceToDepth(factor={self.factor}) needs image sides divisible by {self.factor}, got "
                              f"{height}x{width}: change data.init_args.image_size or the factor")
         return channels * self.factor**2, height // self.factor, width // self.factor
+
+
+class Autoencoder(FirstStage):
+    """A trained KL autoencoder (an ``AutoencoderModule`` checkpoint, ``configs/ldm/autoencoder_*.yaml``) as the
+    first stage of latent diffusion (Rombach et al. 2022, Sec. 3 and App. D.1): z = s E(x), x = D(z / s).
+
+    The scale s = 1 / std(E(x)) makes the latents unit-variance, so a noise schedule built for data in [-1, 1]
+    fits them. LDM takes it from the first batch on rank 0; here it is estimated from ``calibration_images``
+    training images spread over all processes, with the posterior's second moment in closed form,
+    E[z^2] = mu^2 + sigma^2, so it does not depend on encoder noise, the batch size or the number of processes.
+    It is a buffer: checkpoints of the diffusion model store it, and a resumed or reloaded model keeps it.
+
+    Frozen: the diffusion model's optimizer and EMA never see its weights (they are shared, not copied, by the EMA).
+
+    Args:
+        checkpoint: The ``AutoencoderModule`` checkpoint (its EMA weights when it was trained with EMA).
+        sample_posterior: Encode training images as z ~ q(z | x) (LDM); False: the posterior mean.
+        scale: A known scale s; None: estimate it when fitting starts.
+        calibration_images: Training images the estimate uses (all processes together).
+    """
+
+    def __init__(self, checkpoint: str, sample_posterior: bool = True, scale: float | None = None,
+                 calibration_images: int = 5000) -> None:
+        super().__init__()
+        if scale is not None and not (math.isfinite(scale) and scale > 0):
+            raise ConfigError(f"the latent scale must be a positive number, got {scale}: leave it null to estimate it")
+        if calibration_images < 1:
+            raise ConfigError(f"calibration_images must be >= 1, got {calibration_images}")
+        loaded = load_checkpoint(checkpoint, what="autoencoder checkpoint",
+                                 how_to_make="train one with diffusion-pl fit --config "
+                                             "configs/ldm/autoencoder_fashion_mnist.yaml")
+        self.autoencoder = rebuild(loaded, "net", "autoencoder.", checkpoint, "AutoencoderModule checkpoint")
+        self.autoencoder.requires_grad_(False)
+        self.sample_posterior = sample_posterior
+        self._calibration_images = calibration_images
+        self.register_buffer("scale", torch.tensor(0.0 if scale is None else float(scale)))
+
+    def train(self, mode: bool = True) -> Autoencoder:
+        """The autoencoder stays in eval mode (it is frozen)."""
+        super().train(mode)
+        self.autoencoder.eval()
+        return self
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the scale is known (given, estimated, or loaded with a checkpoint)."""
+        return bool(self.scale > 0)
+
+    @property
+    def calibration_images(self) -> int:
+        return 0 if self.calibrated else self._calibration_images
+
+    def _require_scale(self) -> Tensor:
+        if not self.calibrated:
+            raise RuntimeError("the latent scale of the Autoencoder first stage is not known yet: it is estimated "
+                               "when `fit` starts and stored in the diffusion model's checkpoint; load such a "
+                               "checkpoint (--ckpt_path) or set model.init_args.first_stage.init_args.scale")
+        return self.scale
+
+    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """z = s E(x): a posterior sample (``sample_posterior``) or its mean."""
+        posterior = self.autoencoder.encode(images)
+        latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+        return latents * self._require_scale()
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """x = D(z / s)."""
+        return self.autoencoder.decode(latents / self._require_scale())
+
+    def latent_shape(self, image_shape: Shape) -> Shape:
+        return tuple(self.autoencoder.latent_shape(tuple(image_shape)))  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def calibrate(self, batches: Iterable[Tensor], reduce_sum: ReduceSum) -> None:
+        """s = 1 / std(z) over the latents of every process's images (Rombach et al. 2022, App. D.1), from the sums
+        of z and z^2 (posterior moments: E[z] = mu, E[z^2] = mu^2 + sigma^2 when sampling the posterior)."""
+        if self.calibrated:
+            return
+        sums = torch.zeros(3, dtype=torch.float64, device=self.scale.device)
+        for images in batches:
+            posterior = self.autoencoder.encode(images.to(self.scale.device))
+            mean = posterior.mean.double()
+            second = mean.square() + (posterior.var.double() if self.sample_posterior else 0.0)
+            sums += torch.stack([sums.new_tensor(mean.numel()), mean.sum(), second.sum()])
+        count, total, total_sq = reduce_sum(sums).tolist()
+        if count == 0:
+            raise RuntimeError("no training images reached the latent-scale estimate: the data module gave none")
+        variance = total_sq / count - (total / count) ** 2
+        if not variance > 0:
+            raise RuntimeError(f"the autoencoder's latents have variance {variance} over {int(count)} values: the "
+                               "autoencoder checkpoint is degenerate (collapsed latents); retrain it")
+        self.scale.fill_(1.0 / math.sqrt(variance))

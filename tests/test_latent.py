@@ -1,0 +1,250 @@
+"""Latent diffusion (Rombach et al. 2022): the Autoencoder first stage and its scale, the frozen stage in training,
+class tokens for cross-attention, and the latent configs end to end."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch import Tensor, nn
+
+from diffusion_pl.callbacks import EMA, SampleGrid
+from diffusion_pl.checkpoint_file import read_checkpoint
+from diffusion_pl.conditioning import ClassContext
+from diffusion_pl.data import ImageDataModule, calibration_batches
+from diffusion_pl.errors import CheckpointNotFoundError, ConfigError
+from diffusion_pl.guidance import ClassifierFree
+from diffusion_pl.models import DiffusionModule
+from diffusion_pl.nets import UNet
+from diffusion_pl.nets.autoencoder import DiagonalGaussian
+from diffusion_pl.nets.first_stage import Autoencoder
+from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.nets.unet import CrossAttention
+from diffusion_pl.processes import DiscreteProcess
+from diffusion_pl.samplers import DDIM
+from ddp_probe import subprocess_env, write_callbacks_config
+from helpers import (REPO, TINY_AUTOENCODER, LossRecorder, set_callback, tiny_args, tiny_cli,
+                     write_autoencoder_checkpoint)
+
+LDM = str(REPO / "configs" / "ldm" / "fashion_mnist.yaml")
+LDM_CLASS = str(REPO / "configs" / "ldm" / "fashion_mnist_class_xattn.yaml")
+
+
+class LinearAutoencoder(Configurable, nn.Module):
+    """A linear KL "autoencoder": mu = gain * pixel_unshuffle(x, 2), a fixed posterior variance, and the exact
+    inverse decoder x = pixel_shuffle(z / gain, 2)."""
+
+    def __init__(self, gain: float = 3.0, posterior_var: float = 0.25) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(gain))
+        self.posterior_var = posterior_var
+
+    def encode(self, x: Tensor) -> DiagonalGaussian:
+        mean = self.gain * F.pixel_unshuffle(x, 2)
+        return DiagonalGaussian(mean, torch.full_like(mean, math.log(self.posterior_var)))
+
+    def decode(self, z: Tensor) -> Tensor:
+        return F.pixel_shuffle(z / self.gain, 2)
+
+    def latent_shape(self, image_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        channels, height, width = image_shape
+        return channels * 4, height // 2, width // 2
+
+
+@pytest.fixture
+def linear_checkpoint(tmp_path: Path) -> str:
+    return str(write_autoencoder_checkpoint(LinearAutoencoder(), tmp_path / "linear_ae.ckpt"))
+
+
+def test_decode_of_encode_is_the_identity_and_decoding_divides_by_the_scale(linear_checkpoint: str) -> None:
+    stage = Autoencoder(linear_checkpoint, sample_posterior=False, scale=0.5)
+    x = torch.randn(3, 1, 8, 8)
+    z = stage.encode(x)
+    torch.testing.assert_close(z, 0.5 * 3.0 * F.pixel_unshuffle(x, 2))
+    torch.testing.assert_close(stage.decode(z), x)
+    torch.testing.assert_close(stage.decode(z), F.pixel_shuffle(z / 0.5 / 3.0, 2))
+    assert stage.latent_shape((1, 8, 8)) == (4, 4, 4)
+    assert not stage.clips_to_data_range
+
+
+def test_sampling_decodes_the_sampler_output_divided_by_the_scale(linear_checkpoint: str) -> None:
+    torch.manual_seed(0)
+    net = UNet(image_size=4, in_channels=4, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+               attention_resolutions=(), dropout=0.0)
+    module = DiffusionModule(net, DiscreteProcess(50, "cosine"), sampler=DDIM(steps=5),
+                             first_stage=Autoencoder(linear_checkpoint, scale=0.25), image_size=8, channels=1).eval()
+    with torch.no_grad():
+        for p in module.denoiser.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    noise = torch.randn(2, 4, 4, 4)
+    images = module.sample(noise=noise, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        latents = module.sampler.sample(module.sampling_denoiser(module.process, {}), module.process, noise,
+                                        generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(images, F.pixel_shuffle(latents / 0.25 / 3.0, 2))
+    assert latents.abs().max() > 1.0 / 0.25 / 3.0  # latents are not clamped to [-1, 1]
+
+
+def test_scale_is_one_over_the_latent_std_with_the_posterior_variance_in_closed_form(linear_checkpoint: str) -> None:
+    images = torch.rand(40, 1, 8, 8) * 2 - 1
+    mean = 3.0 * F.pixel_unshuffle(images, 2).double()
+    for sample_posterior, posterior_var in ((True, 0.25), (False, 0.0)):
+        stage = Autoencoder(linear_checkpoint, sample_posterior=sample_posterior)
+        assert stage.calibration_images == 5000 and not stage.calibrated
+        stage.calibrate(images.split(7), reduce_sum=lambda sums: sums)
+        expected = 1.0 / math.sqrt(mean.var(unbiased=False).item() + posterior_var)
+        assert stage.scale.item() == pytest.approx(expected, rel=1e-6)
+        assert stage.calibrated and stage.calibration_images == 0
+    # the sampled latents of the estimate have unit standard deviation
+    stage = Autoencoder(linear_checkpoint)
+    stage.calibrate([images], reduce_sum=lambda sums: sums)
+    torch.manual_seed(0)
+    latents = torch.cat([stage.encode(images) for _ in range(50)])
+    assert latents.std().item() == pytest.approx(1.0, abs=0.01)
+
+
+def test_scale_errors(linear_checkpoint: str, tmp_path: Path) -> None:
+    stage = Autoencoder(linear_checkpoint)
+    with pytest.raises(RuntimeError, match="not known yet"):
+        stage.encode(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(ConfigError, match="positive"):
+        Autoencoder(linear_checkpoint, scale=-1.0)
+    with pytest.raises(CheckpointNotFoundError, match="autoencoder_fashion_mnist.yaml"):
+        Autoencoder(str(tmp_path / "missing.ckpt"))
+    with pytest.raises(ConfigError, match="ImageDataModule"):
+        calibration_batches(object(), 10)
+
+
+def test_calibration_images_are_split_over_ranks_and_cover_the_first_n() -> None:
+    """Every process takes every world-size-th image: the ranks' shares together are the first N images once."""
+    data = ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", batch_size=16)
+    data.setup("fit")
+    single = torch.cat(list(data.training_image_batches(100)))
+    shares = []
+    for rank in range(3):
+        data._world = lambda rank=rank: (3, rank)  # what a trainer with 3 processes reports
+        shares.append(torch.cat(list(data.training_image_batches(100))))
+    assert single.shape[0] == 100 and sum(s.shape[0] for s in shares) == 100
+    merged = torch.empty_like(single)
+    for rank, share in enumerate(shares):
+        merged[rank::3] = share
+    assert torch.equal(merged, single)
+
+
+def test_cross_attention_weights_sum_to_one_over_the_context() -> None:
+    """Identical tokens give the output of one token, whatever the queries and the number of tokens: the softmax
+    weights over the context are a convex combination."""
+    torch.manual_seed(0)
+    attention = CrossAttention(dim=8, context_dim=5, num_heads=2)
+    x, token = torch.randn(2, 6, 8), torch.randn(2, 1, 5)
+    one = attention(x, token)
+    torch.testing.assert_close(attention(x, token.expand(2, 7, 5)), one)
+    assert not torch.allclose(attention(x, torch.cat([token, torch.randn(2, 3, 5)], dim=1)), one)
+
+
+def test_class_context_tokens_null_row_and_dropout() -> None:
+    torch.manual_seed(0)
+    part = ClassContext(num_classes=3, dim=6, dropout=0.5)
+    labels = torch.tensor([0, 1, 2, 1] * 500)
+    cond = part({"label": labels}, training=False)
+    assert cond["context"].shape == (2000, 1, 6)
+    torch.testing.assert_close(cond["context"][:, 0], part.embedding.weight[labels])
+    null = part.null(cond)["context"]
+    assert torch.equal(null[:, 0], part.embedding.weight[3].expand(2000, 6))
+    dropped = part({"label": labels}, training=True)["context"]
+    share = (dropped == null).all(dim=-1).float().mean().item()
+    assert share == pytest.approx(0.5, abs=0.04)
+    with pytest.raises(ValueError, match="context_dim: 6"):
+        part.check_net(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
+                            attention_resolutions=(4,), context_dim=5))
+    with pytest.raises(ValueError, match="num_classes: null"):
+        part.check_net(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
+                            attention_resolutions=(4,), context_dim=6, num_classes=3))
+
+
+def test_class_context_guidance_combines_the_token_and_the_null_token() -> None:
+    """CFG through cross-attention (Ho & Salimans 2022, eq. 6): (1 + w) eps(x_t, tau(y)) - w eps(x_t, tau(null))."""
+    torch.manual_seed(0)
+    net = UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,),
+               context_dim=6, cross_attention_resolutions=(8, 4), dropout=0.0)
+    for p in net.parameters():
+        nn.init.normal_(p, 0.0, 0.05)
+    module = DiffusionModule(net, DiscreteProcess(50, "cosine"), conditioner=ClassContext(3, 6),
+                             guidance=[ClassifierFree(3.0)], image_size=8, channels=1, clip_samples=False).eval()
+    batch, x, t = {"label": torch.tensor([0, 2])}, torch.randn(2, 1, 8, 8), torch.tensor([10, 30])
+    with torch.no_grad():
+        cond = module.conditioner(batch, training=False)
+        conditional = module.denoiser.bind(**cond)(x, t).eps
+        unconditional = module.denoiser.bind(**module.conditioner.null(cond))(x, t).eps
+        assert not torch.allclose(conditional, unconditional)
+        guided = module.sampling_denoiser(module.process, batch)(x, t).eps
+    torch.testing.assert_close(guided, 4.0 * conditional - 3.0 * unconditional, rtol=1e-5, atol=1e-5)
+
+
+def fit_latent(root: Path, *extra: str, config: str = LDM, ckpt_path: str | None = None) -> tuple[LossRecorder, object]:
+    """A tiny latent run of ``config``, checkpointing every step into ``root/ckpt``."""
+    cli = tiny_cli(root, "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", *extra, config=config)
+    set_callback(cli, SampleGrid, every_n_steps=2, num_samples=4)
+    recorder = LossRecorder()
+    cli.trainer.callbacks[:0] = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True)]
+    cli.trainer.callbacks.append(recorder)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
+    return recorder, cli
+
+
+@pytest.mark.slow
+def test_first_stage_is_frozen_shared_with_the_ema_and_outside_the_optimizer(tmp_path: Path) -> None:
+    _, cli = fit_latent(tmp_path, "--trainer.max_steps=3", "--trainer.val_check_interval=3")
+    model, trainer = cli.model, cli.trainer
+    stage = model.first_stage
+    before = read_checkpoint(TINY_AUTOENCODER, weights_only=True)["state_dict"]
+    after = {f"autoencoder.{k}": v for k, v in stage.autoencoder.state_dict().items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert not any(p.requires_grad for p in stage.parameters())
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized and not optimized & {id(p) for p in stage.parameters()}
+    ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
+    assert ema.averaged_module.first_stage is stage  # shared, not copied
+    assert ema.averaged_module.denoiser is not model.denoiser
+    last = read_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["state_dict"]["first_stage.scale"].item() == pytest.approx(stage.scale.item())
+    assert stage.scale.item() > 0
+    grids = list(tmp_path.rglob("*.png"))
+    assert grids, "the sample grid is decoded to pixels and written"
+
+
+@pytest.mark.slow
+def test_latent_diffusion_resumes_exactly(tmp_path: Path) -> None:
+    args = ("--trainer.max_steps=8", "--trainer.val_check_interval=4", "--data.init_args.random_flip=true")
+    full, _ = fit_latent(tmp_path / "full", *args)
+    fit_latent(tmp_path / "cut", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+               "--data.init_args.random_flip=true")
+    last = str(tmp_path / "cut" / "ckpt" / "last.ckpt")
+    resumed, cli = fit_latent(tmp_path / "cut", *args, ckpt_path=last)
+    assert sorted(resumed.losses) == list(range(5, 9))
+    for step, loss in resumed.losses.items():
+        assert loss == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), f"loss differs at step {step}"
+
+
+def latent_scale_of_a_run(root: Path, *extra: str) -> float:
+    root.mkdir(parents=True)
+    callbacks = write_callbacks_config(root / "callbacks.yaml", every_n_steps=1)
+    command = [sys.executable, "-m", "diffusion_pl", "fit", *tiny_args(root, config=LDM), "--config", str(callbacks),
+               "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", *extra]
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    checkpoint = read_checkpoint(next(root.rglob("last.ckpt")), weights_only=True)
+    return checkpoint["state_dict"]["first_stage.scale"].item()
+
+
+@pytest.mark.slow
+def test_scale_of_two_gloo_processes_equals_that_of_one(tmp_path: Path) -> None:
+    one = latent_scale_of_a_run(tmp_path / "one", "--trainer.devices=1")
+    two = latent_scale_of_a_run(tmp_path / "two", "--trainer.devices=2", "--trainer.strategy=ddp")
+    assert two == pytest.approx(one, rel=1e-9)
