@@ -107,6 +107,20 @@ def test_scale_is_one_over_the_latent_std_with_the_posterior_variance_in_closed_
     torch.manual_seed(0)
     latents = torch.cat([stage.encode(images) for _ in range(50)])
     assert latents.std().item() == pytest.approx(1.0, abs=0.01)
+    # outside training the encoding is the posterior mean
+    stage.eval()
+    torch.testing.assert_close(stage.encode(images), stage.scale * mean.float())
+
+
+def test_latent_mask_keeps_only_blocks_known_in_every_pixel(linear_checkpoint: str) -> None:
+    stage = Autoencoder(linear_checkpoint, scale=1.0)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., :, :5] = 1.0  # columns 0-4 known: latent columns 0, 1 fully known, column 2 half known
+    latent = stage.latent_mask(mask, (1, 8, 8))
+    assert latent.shape == (1, 4, 4, 4)
+    expected = torch.zeros(4, 4)
+    expected[:, :2] = 1.0
+    assert torch.equal(latent[0], expected.expand(4, 4, 4))
 
 
 def test_scale_errors(linear_checkpoint: str, tmp_path: Path) -> None:

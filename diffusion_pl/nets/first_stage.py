@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 import math
 from collections.abc import Callable, Iterable
 
@@ -17,6 +18,8 @@ from diffusion_pl.nets.spec import Configurable
 Shape = tuple[int, int, int]
 #: Sums a tensor over all processes (``trainer.strategy.reduce(x, reduce_op="sum")``; the identity on one process).
 ReduceSum = Callable[[Tensor], Tensor]
+
+log = logging.getLogger(__name__)
 
 
 class FirstStage(Configurable, nn.Module, abc.ABC):
@@ -40,6 +43,11 @@ class FirstStage(Configurable, nn.Module, abc.ABC):
     def clips_to_data_range(self) -> bool:
         """Whether predicted x0 may be clamped to [-1, 1] while sampling (pixels: yes; latents: no)."""
         return False
+
+    def latent_mask(self, mask: Tensor, image_shape: Shape) -> Tensor:
+        """The known part (1) of the latents of images whose known pixels are ``mask`` (B, 1, H, W) (inpainting):
+        for a stage that only rearranges pixels, the mask mapped like an image."""
+        return (self.encode(mask.expand(-1, image_shape[0], -1, -1)) > 0.5).to(mask.dtype)
 
     @property
     def calibration_images(self) -> int:
@@ -114,7 +122,8 @@ class Autoencoder(FirstStage):
 
     Args:
         checkpoint: The ``AutoencoderModule`` checkpoint (its EMA weights when it was trained with EMA).
-        sample_posterior: Encode training images as z ~ q(z | x) (LDM); False: the posterior mean.
+        sample_posterior: Encode training batches as z ~ q(z | x) (LDM); False: the posterior mean, as always outside
+            training.
         scale: A known scale s; None: estimate it when fitting starts.
         calibration_images: Training images the estimate uses (all processes together).
     """
@@ -158,9 +167,10 @@ class Autoencoder(FirstStage):
         return self.scale
 
     def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """z = s E(x): a posterior sample (``sample_posterior``) or its mean."""
+        """z = s E(x): a posterior sample while training (``sample_posterior``), else the posterior mean (evaluation,
+        inpainting, interpolation)."""
         posterior = self.autoencoder.encode(images)
-        latents = posterior.sample(generator) if self.sample_posterior else posterior.mode()
+        latents = posterior.sample(generator) if self.sample_posterior and self.training else posterior.mode()
         return latents * self._require_scale()
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -169,6 +179,13 @@ class Autoencoder(FirstStage):
 
     def latent_shape(self, image_shape: Shape) -> Shape:
         return tuple(self.autoencoder.latent_shape(tuple(image_shape)))  # type: ignore[return-value]
+
+    def latent_mask(self, mask: Tensor, image_shape: Shape) -> Tensor:
+        """A latent position is known when every pixel of its f x f block is (a min-pool of the mask), in every
+        latent channel: the latents of a partly known block mix known and unknown pixels."""
+        channels, height, _ = self.latent_shape(image_shape)
+        factor = image_shape[1] // height
+        return (-F.max_pool2d(-mask, factor)).expand(-1, channels, -1, -1)
 
     @torch.no_grad()
     def calibrate(self, batches: Iterable[Tensor], reduce_sum: ReduceSum) -> None:
@@ -190,3 +207,5 @@ class Autoencoder(FirstStage):
             raise RuntimeError(f"the autoencoder's latents have variance {variance} over {int(count)} values: the "
                                "autoencoder checkpoint is degenerate (collapsed latents); retrain it")
         self.scale.fill_(1.0 / math.sqrt(variance))
+        log.info("latent scale s = %.5g: 1 / std of the latents of %d training images", self.scale.item(),
+                 int(count) // math.prod(self.latent_shape(tuple(images.shape[1:]))))

@@ -114,7 +114,7 @@ def inpaint(model: SamplingModel, images: Tensor, mask: Tensor, *, method: Inpai
     images = images.to(model.device)
     mask = mask.to(model.device)
     known = model.first_stage.encode(images)
-    latent_mask = (model.first_stage.encode(mask.expand_as(images)) > 0.5).to(known.dtype)
+    latent_mask = model.first_stage.latent_mask(mask, tuple(images.shape[1:])).to(known.dtype)
     shape = known.shape
     if method == "replace":
         x_T = model.process.prior_sample(shape, generator=generator, device=model.device)
