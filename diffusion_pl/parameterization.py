@@ -10,6 +10,7 @@ For x_t = alpha x0 + sigma eps (any ForwardProcess):
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
 
@@ -17,6 +18,10 @@ from torch import Tensor, nn
 
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.utils import append_dims
+
+log = logging.getLogger(__name__)
+#: The largest 1 / alpha(t) that an unclipped eps-prediction model samples through without a warning.
+UNCLIPPED_EPS_LIMIT = 20.0
 
 PredictionKind = Literal["eps", "x0", "v"]
 PREDICTION_KINDS: tuple[str, ...] = ("eps", "x0", "v")
@@ -150,3 +155,14 @@ def clip_denoised(denoise: DenoiseFn, process: ForwardProcess, low: float = -1.0
         return Prediction(x0=x0, eps=eps_from_x0(x0, x_t, t, process), log_var=pred.log_var, raw=pred.raw)
 
     return clipped
+
+
+def warn_unclipped_eps(process: ForwardProcess) -> None:
+    """Warn when an eps-predicting model whose x0 is not clipped (latent diffusion) runs on a process whose alpha(t)
+    nearly vanishes: the sampler's x0 = (x_t - sigma eps) / alpha multiplies the net's eps error by 1 / alpha(T)
+    (about 600 for the cosine schedule at T = 1000), and samples diverge; pixel models hide it by clipping x0."""
+    worst = 1.0 / float(process.marginals()["alpha"].min())
+    if worst > UNCLIPPED_EPS_LIMIT:
+        log.warning("eps-prediction without x0 clipping: x0 = (x_t - sigma eps) / alpha amplifies the net's error up to "
+                    "%.0fx at the largest times, so sampled latents can diverge; use prediction: v (or x0), or a "
+                    "schedule whose alpha stays larger (e.g. LDM's linear 0.00085-0.012)", worst)

@@ -91,6 +91,17 @@ def test_sampling_decodes_the_sampler_output_divided_by_the_scale(linear_checkpo
     assert latents.abs().max() > 1.0 / 0.25 / 3.0  # latents are not clamped to [-1, 1]
 
 
+@pytest.mark.parametrize("prediction, warned", [("eps", True), ("v", False)])
+def test_unclipped_eps_prediction_on_a_vanishing_alpha_is_warned_about(linear_checkpoint: str, prediction: str,
+                                                                       warned: bool,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Cosine schedule, T = 1000: alpha(T) = 0.0016, so an unclipped eps model's x0 error is amplified ~600x."""
+    net = UNet(image_size=4, in_channels=4, base_channels=16, channel_mult=(1, 2), attention_resolutions=())
+    DiffusionModule(net, DiscreteProcess(1000, "cosine"), prediction=prediction,
+                    first_stage=Autoencoder(linear_checkpoint, scale=1.0), image_size=8, channels=1)
+    assert ("amplifies the net's error up to" in caplog.text) == warned
+
+
 def test_scale_is_one_over_the_latent_std_with_the_posterior_variance_in_closed_form(linear_checkpoint: str) -> None:
     images = torch.rand(40, 1, 8, 8) * 2 - 1
     mean = 3.0 * F.pixel_unshuffle(images, 2).double()

@@ -23,7 +23,7 @@ from diffusion_pl.models.hparams import log_run_hparams
 from diffusion_pl.models.lr_schedule import configure_optimization, default_adam
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
 from diffusion_pl.nets.spec import build, factory, keep_described, spec_of
-from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised
+from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised, warn_unclipped_eps
 from diffusion_pl.pipelines import PredictTask, seeded_noise
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers import DDPM, Sampler
@@ -50,7 +50,8 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
             the net needs ``learn_sigma: true``).
         conditioner: Turns batches into the net's conditioning (e.g. ``ClassLabel``); None: unconditional.
         guidance: Guidance parts applied in order at sampling (``ClassifierFree``, ``Classifier``).
-        first_stage: The frozen map to the space the model runs in (default: pixels).
+        first_stage: The frozen map to the space the model runs in (default: pixels; ``Autoencoder``: latent diffusion,
+            its latent scale estimated from the training images of all processes when fitting starts).
         likelihood: The likelihood metrics of validation/test (default: the full bound at test, discrete only).
         predict_task: What ``predict`` does with input images (``Inpaint``, ``Interpolate``); None: sample.
         optimizer: Optimizer factory (default: Adam, lr 2e-4).
@@ -101,6 +102,8 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(lr_scheduler)
         self.sampler.check(process)
         self.likelihood.check(process)
+        if prediction == "eps" and not self.first_stage.clips_to_data_range:
+            warn_unclipped_eps(process)
         if conditioner is not None:
             conditioner.check_net(net)
         self.save_hyperparameters(ignore=list(PARTS), logger=False)
