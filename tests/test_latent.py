@@ -8,13 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from diffusion_pl.callbacks import EMA, SampleGrid
+from diffusion_pl.callbacks import EMA, SampleGrid, SampleWriter
 from diffusion_pl.checkpoint_file import read_checkpoint
 from diffusion_pl.conditioning import ClassContext
 from diffusion_pl.data import ImageDataModule, calibration_batches
@@ -273,3 +274,19 @@ def test_scale_of_two_gloo_processes_equals_that_of_one(tmp_path: Path) -> None:
     one = latent_scale_of_a_run(tmp_path / "one", "--trainer.devices=1")
     two = latent_scale_of_a_run(tmp_path / "two", "--trainer.devices=2", "--trainer.strategy=ddp")
     assert two == pytest.approx(one, rel=1e-9)
+
+
+@pytest.mark.slow
+def test_class_conditional_latent_model_predicts_decoded_images_with_its_stored_scale(tmp_path: Path) -> None:
+    _, trained = fit_latent(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                            config=LDM_CLASS)
+    scale = trained.model.first_stage.scale.item()
+    cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=6", "--data.init_args.predict_labels=[3,5]",
+                   "--model.init_args.sampler.steps=5", config=LDM_CLASS)
+    set_callback(cli, SampleWriter, output_dir=str(tmp_path / "out"))
+    cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(tmp_path / "train" / "ckpt" / "last.ckpt"),
+                        return_predictions=False)
+    assert cli.model.first_stage.scale.item() == scale > 0  # from the checkpoint; predict estimates nothing
+    written = np.load(tmp_path / "out" / "samples.npz")
+    assert written["samples"].shape == (6, 8, 8, 1) and written["samples"].dtype == np.uint8  # decoded to pixels
+    assert written["labels"].tolist() == [3, 5, 3, 5, 3, 5]
