@@ -82,6 +82,11 @@ def generate(model: DiffusionModule, num: int, batch_size: int, low_res: Tensor 
     return torch.cat(images), (time.perf_counter() - began) / num
 
 
+def levels(text: str) -> list[float]:
+    """Comma-separated sampling levels ('' for none)."""
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def quantized(images: Tensor) -> Tensor:
     """Images as they would be written (uint8), back in [-1, 1]."""
     return from_uint8(to_uint8(images))
@@ -102,9 +107,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the base and single-stage models")
     parser.add_argument("--sr-steps", type=int, default=50, help="ancestral DDPM steps of the SR stages")
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--levels", type=lambda text: [float(v) for v in text.split(",")], default=[0.0, 0.1, 0.2])
-    parser.add_argument("--real-levels", type=lambda text: [float(v) for v in text.split(",")], default=[0.0],
-                        help="the sampling levels of the SR stages on real low-res images (1.)")
+    parser.add_argument("--levels", type=levels, default=[0.0, 0.1, 0.2])
+    parser.add_argument("--real-levels", type=levels, default=[0.0],
+                        help="the sampling levels of the SR stages on real low-res images (1.; '' for none)")
     parser.add_argument("--level", type=float, default=None,
                         help="the cascade's sampling level (default: the first --sr stage's own)")
     parser.add_argument("--out", default="runs/cascade_report")
