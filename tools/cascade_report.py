@@ -1,6 +1,6 @@
 """The measurements of a cascade (base + super-resolution stage) on Fashion-MNIST, as Markdown tables.
 
-    python3 tools/cascade_report.py --classifier CLEAN_CLASSIFIER.ckpt --base BASE16.ckpt --sr SR.ckpt \
+    python3 tools/cascade_report.py --classifier CLEAN_CLASSIFIER.ckpt [--base BASE16.ckpt] --sr SR.ckpt \
         [--sr NO_AUGMENTATION_SR.ckpt ...] [--demo SINGLE_STAGE_32.ckpt] [--num 1000] [--steps 50] \
         [--real-levels 0] [--levels 0,0.05,0.1,0.2,0.3] [--out runs/cascade_report]
 
@@ -100,7 +100,7 @@ def fidelity_row(name: str, images: Tensor, real: Tensor, low: Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier", required=True, help="a ClassifierModule checkpoint (the clean classifier)")
-    parser.add_argument("--base", required=True, help="the 16x16 base stage's checkpoint")
+    parser.add_argument("--base", default=None, help="the 16x16 base stage's checkpoint (without: 1. only)")
     parser.add_argument("--sr", required=True, action="append", help="a 16 -> 32 SR stage's checkpoint (repeatable)")
     parser.add_argument("--demo", default=None, help="a single-stage 32x32 model's checkpoint to compare with")
     parser.add_argument("--num", type=int, default=1000)
@@ -136,6 +136,8 @@ def main() -> None:
             images, _ = generate(model, args.num, args.batch_size, low_res=low)
             lines.append(fidelity_row(f"{path} s={level:g}", quantized(images), real, low))
 
+    if args.base is None:
+        return
     base = load(args.base, DDIM(steps=args.steps))
     base_images, base_time = generate(base, args.num, args.batch_size)
     base_images = quantized(base_images)
