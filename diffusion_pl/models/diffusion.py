@@ -145,7 +145,7 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         comparable across evaluations, and the global RNG is untouched (exact resume)."""
         seed = batch_idx + 1000 * self.global_rank
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        latents, cond = self.first_stage.encode(batch["image"], generator), self.condition(batch)
+        latents, cond = self.first_stage.encode(batch["image"]), self.condition(batch)
         metrics = {"loss": self.loss_fn(self.denoiser, latents, generator=generator, **cond).mean()}
         metrics.update(self.likelihood.metrics(stage, self.denoiser, cond, latents, generator, seed))
         for name, value in metrics.items():

@@ -27,9 +27,9 @@ class FirstStage(Configurable, nn.Module, abc.ABC):
     z; grids, predict and FID decode. A first stage is frozen: it is not trained with the diffusion model."""
 
     @abc.abstractmethod
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Images (B, C, H, W) in [-1, 1] -> latents (B, *latent_shape); a stochastic encoder draws from
-        ``generator`` (the global RNG when None)."""
+    def encode(self, images: Tensor) -> Tensor:
+        """Images (B, C, H, W) in [-1, 1] -> latents (B, *latent_shape); a stochastic encoder draws from the global
+        RNG while training only (evaluation stays deterministic)."""
 
     @abc.abstractmethod
     def decode(self, latents: Tensor) -> Tensor:
@@ -65,7 +65,7 @@ class IdentityStage(FirstStage):
     def __init__(self) -> None:
         super().__init__()
 
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         return images
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -94,7 +94,7 @@ class SpaceToDepth(FirstStage):
             raise ValueError(f"SpaceToDepth factor must be >= 1, got {factor}")
         self.factor = factor
 
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         return F.pixel_unshuffle(images, self.factor)
 
     def decode(self, latents: Tensor) -> Tensor:
@@ -166,11 +166,11 @@ class Autoencoder(FirstStage):
                                "checkpoint (--ckpt_path) or set model.init_args.first_stage.init_args.scale")
         return self.scale
 
-    def encode(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def encode(self, images: Tensor) -> Tensor:
         """z = s E(x): a posterior sample while training (``sample_posterior``), else the posterior mean (evaluation,
         inpainting, interpolation)."""
         posterior = self.autoencoder.encode(images)
-        latents = posterior.sample(generator) if self.sample_posterior and self.training else posterior.mode()
+        latents = posterior.sample() if self.sample_posterior and self.training else posterior.mode()
         return latents * self._require_scale()
 
     def decode(self, latents: Tensor) -> Tensor:
