@@ -21,9 +21,11 @@ import lightning.pytorch as pl
 from jsonargparse import Namespace
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from diffusion_pl.callbacks import ResumeRNGState, RunDirectory, VerifiedCheckpointIO
+from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli_errors import DEBUG_ENV, DEBUG_FLAG, check_config_files, config_error, message
 from diffusion_pl.data import ImageDataModule
 from diffusion_pl.errors import UserError
@@ -96,8 +98,9 @@ class DiffusionCLI(LightningCLI):
         """
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
-        """The Trainer, with :class:`VerifiedCheckpointIO`, :class:`RunDirectory` first among the callbacks, and
-        ``limit_*_batches: 1`` read as one batch.
+        """The Trainer, with :class:`VerifiedCheckpointIO`, :class:`RunDirectory` first among the callbacks, the
+        run-long :class:`RunProgressBar` in place of Lightning's default bar, and ``limit_*_batches: 1`` read as one
+        batch.
 
         The Trainer annotates these ``float | int``, so the parser turns ``1`` into ``1.0``, which Lightning reads
         as 100% of the batches (``--trainer.limit_test_batches=1`` would run the whole test set). An explicit 1
@@ -107,6 +110,8 @@ class DiffusionCLI(LightningCLI):
         kwargs.setdefault("plugins", with_checkpoint_io(configured.get("plugins")))
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.sort(key=lambda callback: not isinstance(callback, RunDirectory))  # it claims the log dir
+        trainer.callbacks = [RunProgressBar(c.refresh_rate) if type(c) is TQDMProgressBar else c  # noqa: E721
+                             for c in trainer.callbacks]
         for name in LIMIT_BATCHES:
             if getattr(trainer, name) == 1.0 and configured.get(name) == 1.0:
                 setattr(trainer, name, 1)

@@ -1,6 +1,35 @@
-"""Shared pytest setup: make the test helpers (tests/analytic.py) importable."""
+"""Shared pytest setup: the test helpers (tests/analytic.py, tests/helpers.py) importable; one thread per xdist
+worker; the time of the ``slow`` tier printed at the end of the run.
 
+The suite runs on 2 workers (``-n 2`` in setup.cfg's addopts, pytest-xdist). Each worker and the processes its tests
+start use one thread (``OMP_NUM_THREADS=1``): two workers of two threads each on a 2-core machine run slower than
+one worker, as PyTorch's threads then wait for each other.
+"""
+
+from __future__ import annotations
+
+import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
+import pytest
+
+TESTS = Path(__file__).parent
+sys.path.insert(0, str(TESTS))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Print the wall time the tests of the ``slow`` tier took together (their setup included), so every change
+    sees what it costs."""
+    reports = [report for key in ("passed", "failed", "") for report in terminalreporter.stats.get(key, [])
+               if getattr(report, "when", "") in ("setup", "call") and "slow" in getattr(report, "keywords", {})]
+    if reports:
+        total = sum(report.duration for report in reports)
+        count = len({report.nodeid for report in reports})
+        terminalreporter.write_line(f"slow tier: {count} tests, {total:.0f} s of test time")

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -153,3 +157,17 @@ class LossRecorder(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         self.losses[trainer.global_step] = float(outputs["loss"])
+
+
+def run_cli_processes(commands: list[list[str]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
+    """Run each argument list as ``python -m diffusion_pl ARGS`` in a process of its own (exit status, stdout and
+    stderr as a user sees them), forked from one interpreter that imported the command line once
+    (tests/forked_cli.py); the environment without SLURM variables or the debug switch."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "DIFFUSION_PL_DEBUG"}
+    driver = subprocess.run([sys.executable, str(Path(__file__).parent / "forked_cli.py")], input=json.dumps(commands),
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    if driver.returncode != 0:
+        raise RuntimeError(f"tests/forked_cli.py failed:\n{driver.stderr[-3000:]}")
+    return [subprocess.CompletedProcess(["python", "-m", "diffusion_pl", *args], result["returncode"],
+                                        result["stdout"], result["stderr"])
+            for args, result in zip(commands, json.loads(driver.stdout))]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli import build_cli
 from diffusion_pl.data.sources import DatasetNotFoundError
 from diffusion_pl.samplers import DDPM
@@ -116,3 +117,13 @@ def test_limit_batches_one_means_one_batch(tmp_path: Path, stage: str) -> None:
     if stage == "test":
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         assert cli.trainer.num_test_batches == [1]
+
+
+def test_progress_bar_counts_the_runs_steps_across_epochs(tmp_path: Path) -> None:
+    """The training bar's total is max_steps and it reaches it although the run spans two epochs (2 batches each):
+    its remaining time is the run's."""
+    cli = build_cli(["fit", *tiny_args(tmp_path, "--trainer.max_steps=3", "--trainer.limit_train_batches=2",
+                                       "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=true")])
+    bar = cli.trainer.progress_bar_callback
+    assert isinstance(bar, RunProgressBar) and cli.trainer.current_epoch >= 1
+    assert (bar.train_progress_bar.total, bar.train_progress_bar.n) == (3, 3)

@@ -43,7 +43,7 @@ from diffusion_pl.errors import (
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets.loading import load_checkpoint
 from diffusion_pl.owner import Owner
-from helpers import DDPM_FASHION, REPO, tiny_args
+from helpers import DDPM_FASHION, REPO, run_cli_processes, tiny_args
 
 VP = str(REPO / "configs" / "sde" / "vp_fashion_mnist.yaml")
 # Checkpoints after every step (three of them and last.ckpt), no grids or validation: fast.
@@ -429,12 +429,13 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
     }
 
 
-@pytest.mark.slow
 def test_bad_input_exits_2_with_one_screen_message(ddpm_run: Path, tmp_path: Path) -> None:
-    """Each bad input, run as ``python -m diffusion_pl``: exit status 2, no traceback, the framework's message and
-    its fix; the whole output fits a screen."""
-    for name, (config, (subcommand, *args), phrase) in _bad_inputs(tmp_path, ddpm_run).items():
-        result = _cli(subcommand, *tiny_args(tmp_path / "runs" / name.replace(" ", "_"), *args, config=config))
+    """Each bad input, run as ``python -m diffusion_pl`` (a process of its own): exit status 2, no traceback, the
+    framework's message and its fix; the whole output fits a screen."""
+    cases = _bad_inputs(tmp_path, ddpm_run)
+    commands = [[subcommand, *tiny_args(tmp_path / "runs" / name.replace(" ", "_"), *args, config=config)]
+                for name, (config, (subcommand, *args), _) in cases.items()]
+    for (name, (_, _, phrase)), result in zip(cases.items(), run_cli_processes(commands)):
         output = result.stdout + result.stderr
         message = result.stderr[result.stderr.find("error: "):] if "error: " in result.stderr else ""
         assert result.returncode == 2, f"{name}: exit {result.returncode}\n{output[-3000:]}"
