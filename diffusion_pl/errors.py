@@ -15,6 +15,11 @@ class ConfigError(UserError, ValueError):
     """A config value that the framework refuses (raised while the CLI builds the model, data and trainer)."""
 
 
+class UntrustedPartError(UserError, ValueError):
+    """A spec (in a checkpoint or config) that names a class this framework will not construct: not a registered
+    part, optimizer or scheduler, nor allowed by the user. Nothing of it was imported or run."""
+
+
 class DataError(UserError, ValueError):
     """A data file that cannot be used (e.g. an image that does not decode); the message names the file."""
 

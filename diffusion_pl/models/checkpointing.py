@@ -107,10 +107,13 @@ class CheckpointChecks:
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path | IO, *args: Any, **kwargs: Any) -> Any:
-        """Lightning's ``load_from_checkpoint``, after verifying the file (checksum, else the archive's CRCs)."""
+        """Lightning's ``load_from_checkpoint``, after verifying the file (checksum, else the archive's CRCs), with
+        ``weights_only=True`` (plain data only); the parts are rebuilt from their specs (``nets.spec.build``: only
+        registered parts)."""
         if isinstance(checkpoint_path, (str, Path)) and "://" not in str(checkpoint_path):
             if not Path(checkpoint_path).is_file():
                 raise CheckpointNotFoundError(f"checkpoint {checkpoint_path} not found")
             if verify_file(checkpoint_path) == "unchecked":  # not a complete zip archive: damaged, or very old
                 read_checkpoint(checkpoint_path)  # raises the damaged-checkpoint error if it does not load
+        kwargs["weights_only"] = True
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]

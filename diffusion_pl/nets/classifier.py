@@ -15,6 +15,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
+from diffusion_pl.nets.spec import Configurable
 
 from diffusion_pl.nets.unet import (
     AttentionBlock,
@@ -30,7 +31,7 @@ from diffusion_pl.nets.unet import (
 __all__ = ["EncoderClassifier"]
 
 
-class EncoderClassifier(nn.Module):
+class EncoderClassifier(Configurable, nn.Module):
     """Image classifier built like the UNet's down path (Ho et al. 2020, App. B; Dhariwal & Nichol 2021, App. A).
 
     conv3x3 -> per level ``num_res_blocks`` residual blocks (+ attention at ``attention_resolutions``) and a

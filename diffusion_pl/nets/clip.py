@@ -18,6 +18,7 @@ the local cache, downloading only when online; offline, an error says where to p
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -294,9 +295,32 @@ def _is_torchscript(path: Path) -> bool:
         return False
 
 
+def check_released_torchscript(path: Path) -> None:
+    """Refuse a TorchScript archive that is not one of OpenAI's released CLIP files: loading TorchScript runs the code
+    stored in it. A released file is recognised by its SHA-256, which clip's download addresses carry (the folder
+    before the file name); ``clip.load`` checks downloads against the same digests.
+
+    Raises:
+        CheckpointError: Any other TorchScript file; the message says how to turn it into a plain state dict.
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    released = {url.rstrip("/").split("/")[-2]: name for name, url in import_clip().clip._MODELS.items()}
+    if digest.hexdigest() not in released:
+        raise CheckpointError(
+            f"{path} is a TorchScript archive but not one of OpenAI's released CLIP files (its SHA-256 matches none of "
+            "their published digests): loading TorchScript runs the code stored in it, so it is refused. If you trust "
+            "it, save its weights as a plain state dict once (torch.save(torch.jit.load(path).state_dict(), "
+            "'clip_state.pt')) and give that file")
+
+
 def _load_file(path: Path) -> tuple[CLIPNet, dict[str, Any]]:
-    """A CLIPModule checkpoint (exact: its spec and fp32 weights), an exported state dict or an OpenAI file."""
+    """A CLIPModule checkpoint (exact: its spec and fp32 weights), an exported state dict or an OpenAI file (only a
+    released one, by its digest: :func:`check_released_torchscript`)."""
     if _is_torchscript(path):
+        check_released_torchscript(path)
         return CLIPNet.from_state_dict(torch.jit.load(str(path), map_location="cpu").state_dict()), {}
     stored = read_checkpoint(path, map_location="cpu", weights_only=True)
     if isinstance(stored, dict) and "state_dict" in stored:

@@ -3,6 +3,13 @@
 A spec is ``{"class_path": "package.module.Class", "init_args": {...}}``, the form LightningCLI writes in YAML.
 Its values are plain (numbers, strings, lists, dicts, None, nested specs), so checkpoints holding specs load with
 ``torch.load(weights_only=True)`` and rebuild their parts in plain Python, without a CLI or a config file.
+
+Rebuilding a spec never runs code a file chose: a spec may only name a registered part (a :class:`Configurable`
+class, which registers itself when its module is imported; this framework's modules may be imported to find one),
+an optimizer or learning-rate scheduler of ``torch.optim`` (``OptimizerCallable``/``LRSchedulerCallable`` specs),
+or a class the user allowed explicitly (:func:`allow_parts`, or the environment variable ``DIFFUSION_PL_ALLOW_PARTS``
+for the command line). Anything else (``os.system``, ``subprocess.Popen``, ``builtins.eval``, a module with import-time
+side effects) is refused with :class:`~diffusion_pl.errors.UntrustedPartError` before it is imported.
 """
 
 from __future__ import annotations
@@ -10,10 +17,27 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
+import os
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
+from diffusion_pl.errors import UntrustedPartError
+
 Spec = dict[str, Any]
+
+#: Environment variable with class paths (or package prefixes ending in ".") that specs may construct besides the
+#: registered parts, comma-separated: the command line's form of :func:`allow_parts`.
+ALLOW_ENV = "DIFFUSION_PL_ALLOW_PARTS"
+#: Registered parts: every Configurable subclass of an imported module, by its class path.
+_REGISTRY: dict[str, type] = {}
+#: What :func:`allow_parts` added.
+_ALLOWED: set[str] = set()
+#: Classes of these modules that are optimizers or LR schedulers may be named by specs (optimizer factories).
+_TORCH_OPTIM = "torch.optim"
+_OPTIM_BASES = (torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler)
+_OWN_PACKAGE = "diffusion_pl"
 
 
 class Configurable:
@@ -25,6 +49,7 @@ class Configurable:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _REGISTRY[class_path(cls)] = cls
         init = cls.__dict__.get("__init__")
         if init is None:
             return
@@ -95,14 +120,58 @@ def build(spec: Any, source: str = "the spec") -> Any:
 
 
 
+def allow_parts(*class_paths: str) -> None:
+    """Let specs (in checkpoints too) construct these classes besides the registered parts: exact class paths, or
+    package prefixes ending in "." (``allow_parts("mylab.nets.")``). Only for code you trust: constructing a class can
+    run anything. A part of your own is simpler as a :class:`Configurable` subclass, which registers itself when its
+    module is imported. The command line reads the same list from ``DIFFUSION_PL_ALLOW_PARTS`` (comma-separated)."""
+    _ALLOWED.update(class_paths)
+
+
+def _user_allowed(path: str) -> bool:
+    allowed = _ALLOWED | {entry.strip() for entry in os.environ.get(ALLOW_ENV, "").split(",") if entry.strip()}
+    return any(path == entry or (entry.endswith(".") and path.startswith(entry)) for entry in allowed)
+
+
+def _within(module_name: str, package: str) -> bool:
+    return module_name == package or module_name.startswith(package + ".")
+
+
+def _untrusted(path: str, source: str, why: str) -> UntrustedPartError:
+    return UntrustedPartError(
+        f"{source}: refusing to construct {path!r}: {why}. A spec may only name a part of diffusion_pl, a "
+        "torch.optim optimizer or scheduler, or a class you allowed. If you trust this file and the class is your "
+        f"own part, import its module first (a Configurable subclass registers itself), or allow it: "
+        f"{ALLOW_ENV}={path} on the command line, diffusion_pl.nets.spec.allow_parts({path!r}) in Python")
+
+
 def import_class(path: str, source: str) -> type:
-    """The class named by a ``class_path``."""
+    """The class named by a ``class_path``, if a spec may construct it (see the module docstring); nothing else is
+    imported.
+
+    Raises:
+        UntrustedPartError: (a ValueError) Not a registered part, optimizer, scheduler or allowed class.
+        ValueError: An allowed path that cannot be imported.
+    """
+    if not isinstance(path, str):
+        raise _untrusted(repr(path), source, "a class path must be a string")
+    if path in _REGISTRY:
+        return _REGISTRY[path]
     module_name, _, name = path.rpartition(".")
+    allowed = _user_allowed(path)
+    if not (allowed or _within(module_name, _OWN_PACKAGE) or _within(module_name, _TORCH_OPTIM)):
+        raise _untrusted(path, source, "it is not a registered part of diffusion_pl (its module is not imported)")
     try:
-        return getattr(importlib.import_module(module_name), name)
+        found = getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError, ValueError) as error:
         raise ValueError(f"{source}: cannot import {path!r} ({error}); was it saved by another version of "
                          "diffusion_pl?") from error
+    if not inspect.isclass(found):
+        raise _untrusted(path, source, f"it is a {type(found).__name__}, not a class")
+    if allowed or issubclass(found, Configurable) or issubclass(found, _OPTIM_BASES):
+        return found
+    raise _untrusted(path, source, "it is neither a part of diffusion_pl (a Configurable class) nor a torch.optim "
+                                   "optimizer or scheduler")
 
 
 def factory(value: Any, source: str = "the spec") -> Any:
