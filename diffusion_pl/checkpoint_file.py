@@ -22,7 +22,7 @@ import pickle
 import secrets
 import time
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -218,11 +218,54 @@ def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", weights_only
                 from error
         raise corrupt_error(path, f"it does not load ({type(error).__name__}: {first_line}): it is truncated, damaged "
                                   "or not a checkpoint") from error
+    refuse_non_finite_weights(checkpoint, path)
     if check != "sha256":
         log.warning("checkpoint %s carries no checksum (written by plain Lightning or PyTorch, or an older "
                     "diffusion_pl): %s", path,
                     "its archive's CRCs match" if check == "zip-crc" else "loaded without verifying its bytes")
     return checkpoint
+
+
+#: The checkpoint entries that hold weights: the saved (EMA, when averaging) ``state_dict``, and the raw weights
+#: that Lightning's weight averaging keeps beside them.
+WEIGHT_ENTRIES = ("state_dict", "current_model_state")
+
+
+def non_finite_weights(checkpoint: Mapping[str, Any]) -> str | None:
+    """None if every floating weight of the checkpoint is finite, else how many values of which tensors are not.
+
+    The weights are those of :data:`WEIGHT_ENTRIES`, or the checkpoint itself when it is a plain state dict. One host
+    sync per device: the per-tensor flags are reduced on their device before they are read.
+    """
+    entries = [entry for entry in WEIGHT_ENTRIES if isinstance(checkpoint.get(entry), Mapping)]
+    named = [(f"{entry}/{name}", tensor) for entry in entries for name, tensor in checkpoint[entry].items()
+             if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()]
+    if not entries:
+        named = [(str(name), tensor) for name, tensor in checkpoint.items()
+                 if isinstance(tensor, torch.Tensor) and tensor.is_floating_point()]
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for _, tensor in named:
+        by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
+    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+        return None
+    bad = [(name, tensor) for name, tensor in named if not bool(torch.isfinite(tensor).all())]
+    count = sum(int((~torch.isfinite(tensor)).sum()) for _, tensor in bad)
+    total = sum(tensor.numel() for _, tensor in bad)
+    names = ", ".join(name for name, _ in bad[:3]) + (", ..." if len(bad) > 3 else "")
+    return f"{count} of {total} values in {len(bad)} tensors: {names}"
+
+
+def refuse_non_finite_weights(checkpoint: Any, source: str | Path) -> None:
+    """Refuse a loaded checkpoint whose weights hold NaN or infinity (written by a diverged run of older code or
+    another tool): sampling it gives blank images.
+
+    Raises:
+        CheckpointError: Naming the tensors and the checkpoints to use instead.
+    """
+    found = non_finite_weights(checkpoint) if isinstance(checkpoint, Mapping) else None
+    if found is not None:
+        raise CheckpointError(f"checkpoint {source} holds non-finite weights ({found}): the run that wrote it had "
+                              f"diverged; use an earlier checkpoint{_others_hint(Path(str(source)))}")
 
 
 def other_checkpoints(path: str | Path) -> list[Path]:

@@ -391,6 +391,26 @@ def test_missing_explicit_fashion_mnist_root_warns(tmp_path: Path, monkeypatch: 
 # ------------------------------------------------------------------------------------------ the command line
 
 
+def poisoned_copy(run: Path, target: Path) -> tuple[Path, str]:
+    """A copy of the run's last.ckpt with one NaN in one EMA weight, rewritten with a valid checksum (what a diverged
+    run of older code, or another tool, leaves); the poisoned tensor's entry/name."""
+    checkpoint = read_checkpoint(checkpoints(run) / "last.ckpt")
+    name = next(k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and v.numel() > 1)
+    checkpoint["state_dict"][name].view(-1)[1] = float("nan")
+    target.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(checkpoint, target / "nan.ckpt")
+    return target / "nan.ckpt", f"state_dict/{name}"
+
+
+def test_checkpoint_with_non_finite_weights_is_refused_when_loaded(ddpm_run: Path, tmp_path: Path) -> None:
+    """Every way in (the file reader behind --ckpt_path and the part loaders, load_from_checkpoint) refuses it, naming
+    the tensor and how many values are bad, instead of sampling blank images."""
+    poisoned, name = poisoned_copy(ddpm_run, tmp_path)
+    for load in (read_checkpoint, load_checkpoint, DiffusionModule.load_from_checkpoint):
+        with pytest.raises(CheckpointError, match=f"non-finite weights \\(1 of \\d+ values in 1 tensors: {name}\\)"):
+            load(poisoned)
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "DIFFUSION_PL_DEBUG"}
     return subprocess.run([sys.executable, "-m", "diffusion_pl", *args], cwd=REPO, env=env, capture_output=True,
@@ -404,6 +424,7 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
     bad_yaml = overlay(tmp_path / "bad.yaml", "trainer:\n  max_steps: [1\n  foo: 2\n")
     corrupt = damaged_copy(checkpoints(ddpm_run), tmp_path / "corrupt", "bytes", 100_000)
     good = checkpoints(ddpm_run) / "last.ckpt"
+    poisoned, _ = poisoned_copy(ddpm_run, tmp_path / "poisoned")
     fit, predict = ["fit", "--trainer.max_steps=1"], ["predict", "--data.init_args.predict_num_samples=2"]
     return {
         "unknown source": (DDPM_FASHION, [*fit, "--data.init_args.source=imagenet"],
@@ -424,6 +445,8 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
         "mismatched checkpoint": (VP, [*predict, f"--ckpt_path={good}"],
                                   "process: DiscreteProcess(num_steps=100, schedule='cosine') in the checkpoint, "
                                   "VPSDE() in the config"),
+        "checkpoint with a NaN weight": (DDPM_FASHION, [*predict, f"--ckpt_path={poisoned}"],
+                                         f"checkpoint {poisoned} holds non-finite weights (1 of"),
         "missing checkpoint": (DDPM_FASHION, [*predict, f"--ckpt_path={tmp_path / 'nope.ckpt'}"],
                                "nope.ckpt not found"),
     }

@@ -3,7 +3,8 @@
 :class:`CheckpointChecks` is a mixin of the framework's LightningModules:
 
 - before every checkpoint (``on_save_checkpoint``, on every rank) the weights and their EMA copy must be finite,
-  else the save is refused with the NaN error: the previous checkpoints stay the last good ones;
+  else the save is refused with the NaN error: the previous checkpoints stay the last good ones; a checkpoint with
+  non-finite weights (older code, another tool) is refused when loaded as well;
 - a checkpoint loaded into the module (``--ckpt_path``, ``trainer.fit(ckpt_path=...)``) must describe the same
   model in the hyperparameters of ``MUST_MATCH`` (process, prediction, net, first stage, ...): otherwise one short
   error names the fields that differ, before any weight is copied;
@@ -12,20 +13,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-import torch
-from torch import Tensor
 
-from diffusion_pl.checkpoint_file import read_checkpoint, verify_file
+from diffusion_pl.checkpoint_file import non_finite_weights, read_checkpoint, refuse_non_finite_weights, verify_file
 from diffusion_pl.errors import CheckpointMismatchError, CheckpointNotFoundError, NonFiniteError
 from diffusion_pl.nets.spec import describe, differences
 
-#: The checkpoint entries that hold weights: the saved (EMA, when averaging) ``state_dict``, and the raw weights
-#: that Lightning's weight averaging keeps beside them.
-WEIGHT_ENTRIES = ("state_dict", "current_model_state")
 _HOW_TO_FIX_DIVERGENCE = (
     "lower the learning rate (model.init_args.optimizer.init_args.lr), set trainer.gradient_clip_val (e.g. 1.0), "
     "add warm-up (model.init_args.lr_scheduler: WarmupLR with warmup_steps), or use bf16-mixed instead of 16-mixed "
@@ -38,30 +34,12 @@ def non_finite_error(what: str, step: int | None) -> NonFiniteError:
     return NonFiniteError(f"{what}{at}: training diverged. Fix: {_HOW_TO_FIX_DIVERGENCE}")
 
 
-def _floating_tensors(entry: Any) -> Iterator[tuple[str, Tensor]]:
-    if isinstance(entry, Mapping):
-        for name, value in entry.items():
-            if isinstance(value, Tensor) and value.is_floating_point():
-                yield str(name), value
-
-
 def refuse_non_finite(checkpoint: dict[str, Any]) -> None:
-    """Raise the NaN error if a weight of the checkpoint (raw or EMA) is NaN or infinite.
-
-    One host sync per device: the per-tensor flags are reduced on their device before they are read.
-    """
-    named = [(f"{entry}/{name}", t) for entry in WEIGHT_ENTRIES for name, t in _floating_tensors(checkpoint.get(entry))]
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for _, tensor in named:
-        by_device.setdefault(tensor.device, []).append(torch.isfinite(tensor).all())
-    if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
-        return
-    bad = [(name, t) for name, t in named if not bool(torch.isfinite(t).all())]
-    count = sum(int((~torch.isfinite(t)).sum()) for _, t in bad)
-    total = sum(t.numel() for _, t in bad)
-    raise non_finite_error(
-        f"refusing to write a checkpoint with non-finite weights ({count} of {total} values in {len(bad)} tensors, "
-        f"e.g. {bad[0][0]})", checkpoint.get("global_step"))
+    """Raise the NaN error if a weight of the checkpoint (raw or EMA) is NaN or infinite."""
+    found = non_finite_weights(checkpoint)
+    if found is not None:
+        raise non_finite_error(f"refusing to write a checkpoint with non-finite weights ({found})",
+                               checkpoint.get("global_step"))
 
 
 def mismatch_error(stored: Mapping[str, Any], current: Mapping[str, Any], fields: tuple[str, ...],
@@ -99,6 +77,7 @@ class CheckpointChecks:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = getattr(self, "_trainer", None)
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "the checkpoint"
+        refuse_non_finite_weights(checkpoint, source)
         error = mismatch_error(checkpoint.get("hyper_parameters") or {}, self.hparams,  # type: ignore[attr-defined]
                                self.MUST_MATCH, source)
         if error is not None:
