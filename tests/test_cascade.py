@@ -4,6 +4,7 @@ cascade pipeline and super-resolution from files through ``predict`` (tiny nets,
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,17 @@ def test_cascade_with_a_wrong_final_size_says_so(stages: tuple[Path, Path], tmp_
     config = cascade_config(tmp_path / "cascade.yaml", *stages)
     with pytest.raises(ValueError, match="last cascade stage makes 1x8x8"):
         predict_cascade(tmp_path / "c", config, "--data.init_args.image_size=16")
+
+
+@pytest.mark.parametrize("order", ["base, base", "sr, sr"])
+def test_stages_of_the_wrong_kind_are_refused(stages: tuple[Path, Path], tmp_path: Path, order: str) -> None:
+    """An unconditional model as a super-resolution stage would ignore stage 0; an SR stage first has no input."""
+    base, sr = stages
+    config = cascade_config(tmp_path / "cascade.yaml", *((base, base) if order == "base, base" else (sr, sr)))
+    Path(config).write_text(re.sub(r"\n\s*sampling_level: .*", "", Path(config).read_text()))  # a base has none
+    expected = "stage 1 .* is not a super-resolution stage" if order == "base, base" else "stage 0 .* is a super-res"
+    with pytest.raises(ValueError, match=expected):
+        predict_cascade(tmp_path / "c", config)
 
 
 def test_sampling_level_of_a_base_stage_is_refused(stages: tuple[Path, Path], tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from diffusion_pl.conditioning import set_sampling_level
 from diffusion_pl.guidance import Guidance
+from diffusion_pl.errors import ConfigError
 from diffusion_pl.models.diffusion import DiffusionModule
 from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.pipelines import cascade, side_by_side
@@ -71,7 +72,23 @@ class CascadeModule(pl.LightningModule):
         builds, and would hand them to the stages' own ``DiffusionModule`` constructors."""
         if len(self.stages) == 0:
             self.stages.extend(config.load() for config in self.stage_configs)
+        self.check_stage_inputs()
         self.check_final_size()
+
+    def check_stage_inputs(self) -> None:
+        """Stage 0 samples from noise; every later stage must read the previous stage's images (a conditioner that
+        takes ``low_res``, e.g. ``LowResImage``). Otherwise a stage would ignore its input, or need one no stage
+        makes, and the cascade would write images that are not a cascade's."""
+        for k, (config, stage) in enumerate(zip(self.stage_configs, self.stages)):
+            takes_low_res = stage.conditioner is not None and "low_res" in stage.conditioner.batch_keys
+            if k > 0 and not takes_low_res:
+                raise ConfigError(f"cascade stage {k} ({config.checkpoint}) is not a super-resolution stage (it has no "
+                                  f"LowResImage conditioner), so it would ignore stage {k - 1}'s images: give a stage "
+                                  "trained with model.init_args.conditioner=LowResImage (configs/cascade/*sr*.yaml)")
+            if k == 0 and takes_low_res:
+                raise ConfigError(f"cascade stage 0 ({config.checkpoint}) is a super-resolution stage: it needs a "
+                                  "low-res image that no earlier stage makes. Put a base model first (to upsample "
+                                  "images you have, use predict_task SuperResolve on that stage alone)")
 
     def check_final_size(self) -> None:
         """The last stage must make the images of the data config."""
