@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from diffusion_pl.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError
+from diffusion_pl.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, WriteError
 from diffusion_pl.owner import Owner
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def write_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
     """Write ``checkpoint`` to ``path`` atomically, with its SHA-256 in the zip comment.
 
     Raises:
-        CheckpointError: The write failed (e.g. a full disk); ``path`` is unchanged and no temporary file remains.
+        WriteError: The write failed (e.g. a full disk); ``path`` is unchanged and no temporary file remains.
     """
     buffer = io.BytesIO()
     torch.save(checkpoint, buffer)
@@ -65,18 +65,27 @@ def write_checkpoint(checkpoint: dict[str, Any], path: str | Path) -> None:
     write_atomically(path, (body, length, CHECKSUM_PREFIX + digest.hexdigest().encode()))
 
 
-def write_atomically(path: str | Path, chunks: Iterable[bytes | memoryview]) -> None:
+def write_atomically(path: str | Path, chunks: Iterable[bytes | memoryview], what: str = "checkpoint") -> None:
     """Write ``chunks`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder.
 
     Stale temporary files of killed writers in that folder are removed first.
+
+    Args:
+        path: The file to write.
+        chunks: Its bytes.
+        what: What the file is, for the error (e.g. "checkpoint", "predictions").
+
+    Raises:
+        WriteError: The write failed (a full disk, a read-only folder): ``path`` is unchanged, no temporary file
+            remains, and the message says so and what to do.
     """
     path = Path(path)
     directory = path.parent
-    directory.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(directory)
     me = Owner.current()
     temp = directory / f"{TEMP_PREFIX}{me.pid}.{secrets.token_hex(4)}.{me.host}"
     try:
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(directory)
         with open(temp, "xb") as handle:
             for chunk in chunks:
                 handle.write(chunk)
@@ -87,9 +96,10 @@ def write_atomically(path: str | Path, chunks: Iterable[bytes | memoryview]) -> 
         with contextlib.suppress(OSError):
             temp.unlink()
         if isinstance(error, OSError):
-            raise CheckpointError(
-                f"could not write checkpoint {path} ({error.strerror or error}); the previous file there is "
-                "unchanged. Free disk space (or fix the permissions) and resume from the last checkpoint") from error
+            raise WriteError(
+                f"could not write {what} {path} ({error.strerror or error}); the previous file there is unchanged and "
+                "no partial file is left. Free disk space (or fix the permissions, or choose another folder, e.g. "
+                "--trainer.default_root_dir) and run again; a training run resumes from its last checkpoint") from error
         raise
     _fsync_directory(directory)
 
@@ -209,15 +219,16 @@ def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", weights_only
         checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as error:  # torch raises many types for damaged files
         first_line = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
+        if check == "unchecked":  # not a complete zip archive, and not an old-format checkpoint either
+            raise corrupt_error(path, "it does not load: it is truncated, damaged or not a checkpoint at all") \
+                from error
         if isinstance(error, pickle.UnpicklingError) and "Weights only load failed" in str(error):
             raise CheckpointError(
-                f"checkpoint {path} holds objects that safe loading (weights_only=True) refuses: {first_line}. "
-                "Load it with weights_only=False only if you trust where it came from") from error
-        if check != "unchecked":
-            raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {first_line})") \
-                from error
-        raise corrupt_error(path, f"it does not load ({type(error).__name__}: {first_line}): it is truncated, damaged "
-                                  "or not a checkpoint") from error
+                f"checkpoint {path} holds Python objects that safe loading refuses ({first_line}); loading them could "
+                "run code. A diffusion_pl checkpoint holds only tensors and plain data: this file was written by "
+                "other code") from error
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(error).__name__}: {first_line})") \
+            from error
     refuse_non_finite_weights(checkpoint, path)
     if check != "sha256":
         log.warning("checkpoint %s carries no checksum (written by plain Lightning or PyTorch, or an older "

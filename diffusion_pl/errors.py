@@ -20,6 +20,10 @@ class UntrustedPartError(UserError, ValueError):
     part, optimizer or scheduler, nor allowed by the user. Nothing of it was imported or run."""
 
 
+class InputShapeError(UserError, ValueError):
+    """Images of another size or channel count than the network was built for."""
+
+
 class DataError(UserError, ValueError):
     """A data file that cannot be used (e.g. an image that does not decode); the message names the file."""
 
@@ -34,6 +38,11 @@ class CheckpointCorruptError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """A checkpoint of another model than the config describes (process, prediction, net shape, first stage)."""
+
+
+class WriteError(UserError, OSError):
+    """An output file (checkpoint, predictions) that could not be written (full disk, read-only folder); the previous
+    file at that path is unchanged and no partial file is left."""
 
 
 class CheckpointNotFoundError(UserError, FileNotFoundError):

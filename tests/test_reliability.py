@@ -19,7 +19,9 @@ import time
 import zipfile
 from argparse import ArgumentError
 from pathlib import Path
+from typing import Any
 
+import lightning
 import numpy as np
 import pytest
 import torch
@@ -39,8 +41,12 @@ from diffusion_pl.errors import (
     DataError,
     NonFiniteError,
     RunDirectoryInUseError,
+    WriteError,
 )
 from diffusion_pl.models import DiffusionModule
+from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
+from diffusion_pl.nets.first_stage import Autoencoder
+from diffusion_pl.nets.spec import spec_of
 from diffusion_pl.nets.loading import load_checkpoint
 from diffusion_pl.owner import Owner
 from helpers import DDPM_FASHION, REPO, run_cli_processes, tiny_args
@@ -206,7 +212,7 @@ def test_a_failed_write_leaves_the_previous_file(tmp_path: Path) -> None:
         yield b"partial"
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with pytest.raises(CheckpointError, match="No space left on device.*previous file there is unchanged"):
+    with pytest.raises(WriteError, match="No space left on device.*previous file there is unchanged"):
         write_atomically(path, chunks())
     assert read_checkpoint(path)["step"] == 1 and [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
@@ -411,6 +417,38 @@ def test_checkpoint_with_non_finite_weights_is_refused_when_loaded(ddpm_run: Pat
             load(poisoned)
 
 
+def classifier_checkpoint(path: Path, *, lightning_cli: bool) -> Path:
+    """A tiny ClassifierModule checkpoint as an older diffusion_pl wrote it (no module record: its net tells the
+    kind), with LightningCLI's ``_instantiator``/``_class_path`` entries or without (built in Python)."""
+    net = EncoderClassifier(image_size=8, in_channels=1, num_classes=10, base_channels=8, channel_mult=(1,),
+                            num_res_blocks=1, attention_resolutions=())
+    hparams: dict[str, Any] = {"net": spec_of(net), "image_size": 8, "channels": 1}
+    if lightning_cli:
+        hparams.update(_instantiator="lightning.pytorch.cli.instantiate_module",
+                       _class_path="diffusion_pl.models.classifier.ClassifierModule")
+    write_checkpoint({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": hparams,
+                      "pytorch-lightning_version": lightning.__version__, "global_step": 1, "epoch": 0}, path)
+    return path
+
+
+@pytest.mark.parametrize("lightning_cli", [True, False])
+def test_a_checkpoint_of_another_kind_says_which_kind_in_one_line(ddpm_run: Path, tmp_path: Path,
+                                                                  lightning_cli: bool) -> None:
+    """A classifier where a diffusion model is expected (a cascade stage), and a diffusion model where a classifier
+    or an autoencoder is: one line naming both kinds, not Lightning's "blocked" or 3,900 characters of keys."""
+    classifier = classifier_checkpoint(tmp_path / "classifier.ckpt", lightning_cli=lightning_cli)
+    with pytest.raises(CheckpointMismatchError) as info:
+        DiffusionModule.load_from_checkpoint(classifier)
+    assert str(info.value) == (f"{classifier}: wrong kind of checkpoint: written by ClassifierModule, expected: "
+                               "DiffusionModule checkpoint")
+    ddpm = checkpoints(ddpm_run) / "last.ckpt"
+    for load, expected in ((load_classifier_net, "ClassifierModule checkpoint (net EncoderClassifier)"),
+                           (Autoencoder, "AutoencoderModule checkpoint (net KLAutoencoder)")):
+        with pytest.raises(CheckpointMismatchError) as info:
+            load(str(ddpm))
+        assert str(info.value) == f"{ddpm}: wrong kind of checkpoint: written by DiffusionModule, expected: {expected}"
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "DIFFUSION_PL_DEBUG"}
     return subprocess.run([sys.executable, "-m", "diffusion_pl", *args], cwd=REPO, env=env, capture_output=True,
@@ -425,6 +463,15 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
     corrupt = damaged_copy(checkpoints(ddpm_run), tmp_path / "corrupt", "bytes", 100_000)
     good = checkpoints(ddpm_run) / "last.ckpt"
     poisoned, _ = poisoned_copy(ddpm_run, tmp_path / "poisoned")
+    random_bytes = tmp_path / "random.ckpt"
+    random_bytes.write_bytes(random.Random(0).randbytes(5000))
+    classifier = classifier_checkpoint(tmp_path / "classifier.ckpt", lightning_cli=True)
+    large = tmp_path / "large_images"
+    large.mkdir()
+    for i in range(2):
+        Image.fromarray(np.zeros((16, 16), np.uint8)).save(large / f"{i}.png")
+    guided_by_ddpm = (f"--model.init_args.guidance=[{{class_path: diffusion_pl.guidance.Classifier, init_args: "
+                      f"{{checkpoint: {good}}}}}]")
     fit, predict = ["fit", "--trainer.max_steps=1"], ["predict", "--data.init_args.predict_num_samples=2"]
     return {
         "unknown source": (DDPM_FASHION, [*fit, "--data.init_args.source=imagenet"],
@@ -447,6 +494,18 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
                                   "VPSDE() in the config"),
         "checkpoint with a NaN weight": (DDPM_FASHION, [*predict, f"--ckpt_path={poisoned}"],
                                          f"checkpoint {poisoned} holds non-finite weights (1 of"),
+        "random bytes as checkpoint": (DDPM_FASHION, [*predict, f"--ckpt_path={random_bytes}"],
+                                       f"checkpoint {random_bytes} is damaged: it does not load: it is truncated, "
+                                       "damaged or not a checkpoint at all"),
+        "classifier as the model": (DDPM_FASHION, [*predict, f"--ckpt_path={classifier}"],
+                                    f"{classifier}: wrong kind of checkpoint: written by ClassifierModule, expected: "
+                                    "DiffusionModule checkpoint"),
+        "diffusion model as the guiding classifier": (DDPM_FASHION, [*predict, guided_by_ddpm, f"--ckpt_path={good}"],
+                                                      f"{good}: wrong kind of checkpoint: written by DiffusionModule"),
+        "predict images of another size": (DDPM_FASHION, [
+            *predict, "--model.init_args.predict_task=diffusion_pl.pipelines.Inpaint",
+            f"--data.init_args.predict_images={large}", f"--ckpt_path={good}"],
+            "UNet expected 8x8 inputs (image_size=8), got 16x16; give images of that size"),
         "missing checkpoint": (DDPM_FASHION, [*predict, f"--ckpt_path={tmp_path / 'nope.ckpt'}"],
                                "nope.ckpt not found"),
     }

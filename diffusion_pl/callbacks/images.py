@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
+
+from diffusion_pl.checkpoint_file import write_atomically
 
 
 def uint8_grid(images: Tensor, nrow: int | None = None) -> Tensor:
@@ -19,28 +21,27 @@ def uint8_grid(images: Tensor, nrow: int | None = None) -> Tensor:
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
-    """Write a uint8 (C, H, W) image as PNG atomically (temp file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a uint8 (C, H, W) image as PNG atomically (:func:`~diffusion_pl.checkpoint_file.write_atomically`)."""
     array = image.permute(1, 2, 0).cpu().numpy()
-    pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
-    tmp = path.with_name(path.name + ".tmp")
-    pil.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
+    write_atomically(path, [buffer.getbuffer()], what="image")
+    return Path(path)
 
 
 def save_npz(images: Tensor, path: str | Path, **conditions: Tensor | list[str]) -> Path:
     """Write uint8 images as ``samples`` (N, H, W, C) in an .npz, the layout FID tools expect, atomically, with each
     image's conditions beside them (e.g. ``labels``, its target class, (N,); images among them also as N, H, W, C;
-    text such as ``prompts`` as a string array)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
+    text such as ``prompts`` as a string array).
+
+    Raises:
+        WriteError: A full disk or read-only folder: nothing partial is left, a previous file stays.
+    """
     arrays = {"samples": images.permute(0, 2, 3, 1).cpu().numpy()}
     arrays.update({name: ((value.permute(0, 2, 3, 1) if value.ndim == 4 else value).cpu().numpy()
                           if isinstance(value, Tensor) else np.asarray(value, dtype=str))
                    for name, value in conditions.items()})
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_atomically(path, [buffer.getbuffer()], what="predictions")
+    return Path(path)

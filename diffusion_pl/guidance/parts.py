@@ -12,6 +12,7 @@ from torch import Tensor
 from diffusion_pl.errors import CheckpointMismatchError
 from diffusion_pl.guidance.classifier import LogProbFn, classifier_guidance
 from diffusion_pl.guidance.classifier_free import batched_classifier_free
+from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
 from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.parameterization import ConditionalDenoiseFn, DenoiseFn
@@ -94,7 +95,8 @@ class Classifier(Guidance):
                 "Classifier guidance's checkpoint at its last.ckpt"))
             self._check_process(stored.get(PROCESS_MARGINALS_KEY), process)
             with torch.inference_mode(False):  # predict runs in inference mode, and guidance backpropagates
-                self._net = rebuild(stored, "net", "net.", self.checkpoint, "ClassifierModule checkpoint").requires_grad_(False)
+                self._net = rebuild(stored, "net", "net.", self.checkpoint, "ClassifierModule checkpoint",
+                                    EncoderClassifier).requires_grad_(False)
         self._net.to(device)
 
     def _check_process(self, marginals: dict[str, Tensor] | None, process: ForwardProcess) -> None:

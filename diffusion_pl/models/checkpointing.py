@@ -19,8 +19,9 @@ from typing import IO, Any, ClassVar
 
 
 from diffusion_pl.checkpoint_file import non_finite_weights, read_checkpoint, refuse_non_finite_weights, verify_file
-from diffusion_pl.errors import CheckpointMismatchError, CheckpointNotFoundError, NonFiniteError
-from diffusion_pl.nets.spec import describe, differences
+from diffusion_pl.errors import CheckpointMismatchError, CheckpointNotFoundError, NonFiniteError, UserError
+from diffusion_pl.nets.loading import MODULE_KEY, wrong_kind_error
+from diffusion_pl.nets.spec import class_path, describe, differences
 
 _HOW_TO_FIX_DIVERGENCE = (
     "lower the learning rate (model.init_args.optimizer.init_args.lr), set trainer.gradient_clip_val (e.g. 1.0), "
@@ -72,13 +73,14 @@ class CheckpointChecks:
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         refuse_non_finite(checkpoint)
+        checkpoint[MODULE_KEY] = class_path(type(self))
         super().on_save_checkpoint(checkpoint)  # type: ignore[misc]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         trainer = getattr(self, "_trainer", None)
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "the checkpoint"
         refuse_non_finite_weights(checkpoint, source)
-        error = mismatch_error(checkpoint.get("hyper_parameters") or {}, self.hparams,  # type: ignore[attr-defined]
+        error = wrong_kind_error(checkpoint, source, type(self).__name__) or mismatch_error(checkpoint.get("hyper_parameters") or {}, self.hparams,  # type: ignore[attr-defined]
                                self.MUST_MATCH, source)
         if error is not None:
             raise error
@@ -95,4 +97,12 @@ class CheckpointChecks:
             if verify_file(checkpoint_path) == "unchecked":  # not a complete zip archive: damaged, or very old
                 read_checkpoint(checkpoint_path)  # raises the damaged-checkpoint error if it does not load
         kwargs["weights_only"] = True
-        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        try:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
+        except (ValueError, TypeError, RuntimeError) as error:  # e.g. Lightning's "blocked" for another module's class
+            if not isinstance(checkpoint_path, (str, Path)) or isinstance(error, UserError):
+                raise
+            wrong = wrong_kind_error(read_checkpoint(checkpoint_path), str(checkpoint_path), cls.__name__)
+            if wrong is None:
+                raise
+            raise wrong from error

@@ -166,4 +166,5 @@ def load_classifier_net(checkpoint_path: str | Path) -> EncoderClassifier:
         "train the classifier first, e.g. `diffusion-pl fit --config configs/classifier/fashion_mnist.yaml` (writes "
         "runs/classifier_fashion_mnist/lightning_logs/version_N/checkpoints/last.ckpt), or point checkpoint_path at "
         "an existing one"))
-    return rebuild(checkpoint, "net", "net.", str(checkpoint_path), "ClassifierModule checkpoint")
+    return rebuild(checkpoint, "net", "net.", str(checkpoint_path), "ClassifierModule checkpoint",
+                   EncoderClassifier)

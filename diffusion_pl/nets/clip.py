@@ -324,7 +324,7 @@ def _load_file(path: Path) -> tuple[CLIPNet, dict[str, Any]]:
         return CLIPNet.from_state_dict(torch.jit.load(str(path), map_location="cpu").state_dict()), {}
     stored = read_checkpoint(path, map_location="cpu", weights_only=True)
     if isinstance(stored, dict) and "state_dict" in stored:
-        net = rebuild(stored, "net", "net.", str(path), "CLIPModule checkpoint")
+        net = rebuild(stored, "net", "net.", str(path), "CLIPModule checkpoint", CLIPNet)
         return net, {k: v for k, v in stored.items() if k not in ("state_dict", "optimizer_states")}
     if isinstance(stored, dict) and "text_projection" in stored:
         return CLIPNet.from_state_dict(stored), {}

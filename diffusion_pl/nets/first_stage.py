@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_pl.errors import ConfigError
+from diffusion_pl.nets.autoencoder import KLAutoencoder
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
 from diffusion_pl.nets.spec import Configurable
 
@@ -138,7 +139,8 @@ class Autoencoder(FirstStage):
         loaded = load_checkpoint(checkpoint, what="autoencoder checkpoint",
                                  how_to_make="train one with diffusion-pl fit --config "
                                              "configs/ldm/autoencoder_fashion_mnist.yaml")
-        self.autoencoder = rebuild(loaded, "net", "autoencoder.", checkpoint, "AutoencoderModule checkpoint")
+        self.autoencoder = rebuild(loaded, "net", "autoencoder.", checkpoint, "AutoencoderModule checkpoint",
+                                   KLAutoencoder)
         self.autoencoder.requires_grad_(False)
         self.sample_posterior = sample_posterior
         self._calibration_images = calibration_images

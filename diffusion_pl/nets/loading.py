@@ -14,8 +14,33 @@ import torch
 from torch import nn
 
 from diffusion_pl.checkpoint_file import read_checkpoint
-from diffusion_pl.errors import CheckpointError, CheckpointNotFoundError
-from diffusion_pl.nets.spec import build, is_spec
+from diffusion_pl.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
+from diffusion_pl.nets.spec import build, import_class, is_spec
+
+#: Where a checkpoint records the class of the module that wrote it (``CheckpointChecks.on_save_checkpoint``).
+MODULE_KEY = "diffusion_pl_module"
+#: The module behind each net, for checkpoints written before the module was recorded.
+_MODULE_OF_NET = {"UNet": "DiffusionModule", "EncoderClassifier": "ClassifierModule", "CLIPNet": "CLIPModule",
+                  "KLAutoencoder": "AutoencoderModule"}
+
+
+def checkpoint_module(checkpoint: dict[str, Any]) -> str | None:
+    """The name of the module (``DiffusionModule``, ``ClassifierModule``, ...) that wrote ``checkpoint``: recorded in
+    it, else told by its net; None if neither says."""
+    recorded = checkpoint.get(MODULE_KEY)
+    if isinstance(recorded, str):
+        return recorded.rpartition(".")[2]
+    net = (checkpoint.get("hyper_parameters") or {}).get("net")
+    return _MODULE_OF_NET.get(net["class_path"].rpartition(".")[2]) if is_spec(net) else None
+
+
+def wrong_kind_error(checkpoint: dict[str, Any], source: str, expected: str) -> CheckpointMismatchError | None:
+    """One line saying that ``checkpoint`` was written by another module than ``expected``, or None."""
+    found = checkpoint_module(checkpoint)
+    if found is None or found == expected:
+        return None
+    return CheckpointMismatchError(f"{source}: wrong kind of checkpoint: written by {found}, expected: {expected} "
+                                   "checkpoint")
 
 
 def load_checkpoint(path: str | Path, *, what: str = "checkpoint", how_to_make: str = "") -> dict[str, Any]:
@@ -43,7 +68,7 @@ def load_checkpoint(path: str | Path, *, what: str = "checkpoint", how_to_make: 
 
 
 def rebuild(checkpoint: dict[str, Any], hparam: str, state_prefix: str, source: str,
-            what: str = "checkpoint of this kind") -> nn.Module:
+            what: str = "checkpoint of this kind", expected: type | None = None) -> nn.Module:
     """The module described by ``checkpoint["hyper_parameters"][hparam]`` (a spec) with the weights stored under
     ``state_prefix`` in its state dict, on the CPU in eval mode.
 
@@ -56,14 +81,21 @@ def rebuild(checkpoint: dict[str, Any], hparam: str, state_prefix: str, source: 
         state_prefix: The prefix of its weights in the state dict, e.g. "net.".
         source: The checkpoint's path, for errors.
         what: What the checkpoint should be, for errors (e.g. "ClassifierModule checkpoint").
+        expected: The class the part must be (e.g. ``EncoderClassifier``): a checkpoint of another kind is refused in
+            one line that says which kind it is.
 
     Raises:
-        CheckpointError: (a ValueError) The checkpoint has no such spec, or its weights do not fit the rebuilt module.
+        CheckpointError: (a ValueError) The checkpoint has no such spec, a part of another class than ``expected``
+            (:class:`CheckpointMismatchError`), or weights that do not fit the rebuilt module.
     """
     spec = checkpoint.get("hyper_parameters", {}).get(hparam)
     if not is_spec(spec):
         raise CheckpointError(f"{source}: not a {what}: it describes no {hparam!r} part (saved by another module, or "
                               "by an older version of diffusion_pl)")
+    if expected is not None and not issubclass(import_class(spec["class_path"], source), expected):
+        found = checkpoint_module(checkpoint) or f"a model with a {spec['class_path'].rpartition('.')[2]} net"
+        raise CheckpointMismatchError(f"{source}: wrong kind of checkpoint: written by {found}, expected: {what} (net "
+                                      f"{expected.__name__})")
     with torch.random.fork_rng(devices=[]):
         module = build(spec, source)
     state = {k[len(state_prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(state_prefix)}

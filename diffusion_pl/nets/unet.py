@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from diffusion_pl.errors import InputShapeError
 from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.utils import append_dims
 
@@ -535,16 +536,20 @@ class UNet(Configurable, nn.Module):
         return blocks
 
     def _check_inputs(self, x: Tensor, t: Tensor, cond: Tensor | None, context: Tensor | None = None) -> None:
-        """Raise ``ValueError`` saying expected vs got when inputs do not fit this net."""
+        """Raise ``ValueError`` saying expected vs got when inputs do not fit this net; images of the wrong size or
+        channels (the data, or predict's input images) as :class:`InputShapeError`, which the command line prints
+        as one message."""
         if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
+            raise InputShapeError(
                 f"UNet expected x of shape (B, in_channels={self.in_channels}, {self.image_size}, {self.image_size}), "
-                f"got {tuple(x.shape)}; build the net with in_channels matching the data."
+                f"got {tuple(x.shape)}; give images (data or predict_images) with matching channels, or build the "
+                "net with in_channels matching the data."
             )
         if x.shape[-2:] != (self.image_size, self.image_size):
-            raise ValueError(
+            raise InputShapeError(
                 f"UNet expected {self.image_size}x{self.image_size} inputs (image_size={self.image_size}), got "
-                f"{x.shape[-2]}x{x.shape[-1]}; resize the data or build the net with image_size={x.shape[-1]}."
+                f"{x.shape[-2]}x{x.shape[-1]}; give images of that size (the data, or data.init_args.predict_images "
+                f"at predict), or build the net with image_size={x.shape[-1]}."
             )
         if t.shape not in ((), (x.shape[0],)):
             raise ValueError(f"UNet expected t of shape ({x.shape[0]},) or a scalar, got {tuple(t.shape)}.")
