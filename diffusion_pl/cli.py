@@ -4,7 +4,8 @@
     diffusion-pl predict --config configs/ddpm/fashion_mnist.yaml --ckpt_path path/to/last.ckpt
 
 Bad input (data, config values, checkpoints, files) exits with status 2 and one message that says what to fix;
-``--debug`` or ``DIFFUSION_PL_DEBUG=1`` shows the traceback instead.
+``--debug`` or ``DIFFUSION_PL_DEBUG=1`` shows the traceback instead. A run that SIGTERM stops exits with status 143
+(``fit`` after saving a checkpoint to resume from: :class:`~diffusion_pl.callbacks.TerminationCheckpoint`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from diffusion_pl.callbacks import ResumeRNGState, RunDirectory, VerifiedCheckpointIO
+from diffusion_pl.callbacks import ResumeRNGState, RunDirectory, TerminationCheckpoint, VerifiedCheckpointIO
+from diffusion_pl.callbacks.preemption import TERMINATED_STATUS
 from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli_errors import DEBUG_ENV, DEBUG_FLAG, check_config_files, config_error, message
 from diffusion_pl.data import ImageDataModule
@@ -81,7 +84,8 @@ def with_checkpoint_io(plugins: Any) -> list[Any]:
 
 class DiffusionCLI(LightningCLI):
     """LightningCLI with OmegaConf interpolation, data->model argument links, the exact-resume callback, verified
-    atomic checkpoint I/O and one directory per run; errors of config values come out as :class:`ConfigError`."""
+    atomic checkpoint I/O, one directory per run and a checkpoint on SIGTERM; errors of config values come out as
+    :class:`ConfigError`."""
 
     def instantiate_classes(self) -> None:
         """Build model, data and trainer; an error a config value causes becomes a ConfigError with the original
@@ -149,7 +153,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs=parser_kwargs,
-        trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory()]},
+        trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory(), TerminationCheckpoint(args)]},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
@@ -172,7 +176,8 @@ def _take_debug_flag(args: list[str] | None) -> tuple[list[str] | None, bool]:
 
 
 def main(args: Sequence[str] | None = None) -> None:
-    """Console-script entry point: bad input exits with status 2 and one message (``--debug``: the traceback)."""
+    """Console-script entry point: bad input exits with status 2 and one message (``--debug``: the traceback); a
+    run Lightning stopped on SIGTERM (``validate``, ``test``) with status 143, as ``fit`` does."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     arguments, debug = _take_debug_flag(None if args is None else list(args))
     try:
@@ -182,3 +187,5 @@ def main(args: Sequence[str] | None = None) -> None:
             raise
         sys.stderr.write(message(error))
         sys.exit(2)
+    except SIGTERMException:
+        sys.exit(TERMINATED_STATUS)

@@ -10,6 +10,7 @@ after each optimizer step and saves its EMA and raw weights to ``rank{r}_weights
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,17 @@ class RankProbe(pl.Callback):
         weights = {"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
                    "raw": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()}}
         torch.save(weights, probe_dir(trainer.default_root_dir) / f"rank{trainer.global_rank}_weights.pt")
+
+
+class Pace(pl.Callback):
+    """Sleeps ``seconds`` after every optimizer step, so that a signal sent from outside arrives mid-run."""
+
+    def __init__(self, seconds: float = 0.25) -> None:
+        self.seconds = seconds
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        time.sleep(self.seconds)
 
 
 def write_callbacks_config(path: Path, every_n_steps: int) -> Path:
