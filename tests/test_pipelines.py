@@ -13,6 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from analytic import gaussian_denoiser
+from diffusion_pl.errors import ConfigError, DataError
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
 from diffusion_pl.parameterization import DenoiseFn, Prediction, eps_from_x0
 from diffusion_pl.pipelines import (
@@ -202,10 +203,37 @@ def test_mask_files_and_wrong_sizes(tmp_path: Path) -> None:
     Image.fromarray(painted).save(tmp_path / "mask.png")
     mask = load_mask(tmp_path / "mask.png", 8)
     assert float((1 - mask).sum()) == 8 and float(mask[0, 0, 2, 2]) == 0
-    with pytest.raises(ValueError, match="8x8, the images are 16x16"):
+    with pytest.raises(DataError, match="8x8, the images are 16x16"):
         load_mask(tmp_path / "mask.png", 16)
+    with pytest.raises(DataError, match="not found: give an image of 8x8 pixels"):
+        load_mask(tmp_path / "absent.png", 8)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"text.png does not decode .*: give an image of 8x8 pixels"):
+        load_mask(tmp_path / "text.png", 8)
     with pytest.raises(ValueError, match=r"\(1 or B, 1, H, W\)"):
         check_mask(torch.ones(1, 1, 4, 4), torch.zeros(2, 1, 8, 8))
+
+
+def test_masks_that_keep_every_pixel_or_none_are_refused(tmp_path: Path) -> None:
+    """Nothing to fill in (the output would be the input) or nothing known (plain sampling): refused before any
+    sampling, naming the mask (its file, or the named mask and box) and, in a batch, the items."""
+    images = torch.zeros(2, 1, 8, 8)
+    with pytest.raises(ConfigError, match="the inpainting mask keeps every pixel: there is nothing to fill in"):
+        inpaint(ExactModel(DiscreteProcess(100, "linear"), DDPM(), None), images, torch.ones(1, 1, 8, 8))  # never samples
+    with pytest.raises(ConfigError, match="keeps no pixel: that is plain sampling.*without the Inpaint task"):
+        check_mask(torch.zeros(1, 1, 8, 8), images)
+    one_full = torch.ones(2, 1, 8, 8)
+    one_full[0, ..., :4] = 0
+    with pytest.raises(ConfigError, match=r"keeps every pixel of item\(s\) \[1\] of the batch"):
+        check_mask(one_full, images)
+    with pytest.raises(ConfigError, match="mask 'center_box' of 8x8 images with box=8 keeps no pixel"):
+        named_mask("center_box", 8, box=8)
+    with pytest.raises(ConfigError, match="must be 1 to 8 pixels"):
+        named_mask("center_box", 8, box=10)
+    for value, problem in ((0, "keeps every pixel"), (255, "keeps no pixel")):  # white marks the region to fill in
+        Image.fromarray(np.full((8, 8), value, dtype=np.uint8)).save(tmp_path / f"{value}.png")
+        with pytest.raises(ConfigError, match=f"mask image .*{value}.png {problem}"):
+            load_mask(tmp_path / f"{value}.png", 8)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -223,13 +251,18 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return next(root.rglob("last.ckpt"))
 
 
-def predict_overlay(root: Path, ckpt: Path, overlay: str, *extra: str) -> dict[str, np.ndarray]:
+def predict_overlay_args(root: Path, ckpt: Path, overlay: str, *extra: str) -> list[str]:
+    """The command line of a tiny ``predict`` of ``ckpt`` with ``overlays/<overlay>`` after the model's config."""
     from helpers import REPO, tiny_args
 
+    args = tiny_args(root, "--model.init_args.sampler.steps=5", *extra, "--ckpt_path", str(ckpt))
+    return ["predict", *args[:2], "--config", str(REPO / "overlays" / overlay), *args[2:]]
+
+
+def predict_overlay(root: Path, ckpt: Path, overlay: str, *extra: str) -> dict[str, np.ndarray]:
     from diffusion_pl.cli import build_cli
 
-    args = tiny_args(root, "--model.init_args.sampler.steps=5", *extra, "--ckpt_path", str(ckpt))
-    build_cli(["predict", *args[:2], "--config", str(REPO / "overlays" / overlay), *args[2:]])
+    build_cli(predict_overlay_args(root, ckpt, overlay, *extra))
     with np.load(next(root.rglob("samples.npz"))) as arrays:
         assert next(root.rglob("grid.png")).stat().st_size > 0
         return dict(arrays)
@@ -248,6 +281,27 @@ def test_predict_inpaints_test_images_and_keeps_the_known_pixels(tmp_path: Path,
     assert known.sum() == 4 * (64 - 16) and np.array_equal(samples[known], inputs[known])
     assert not np.array_equal(samples[~known], inputs[~known])
     assert out["index"].tolist() == [0, 1, 2, 3] and out["labels"].shape == (4,)
+
+
+def test_bad_mask_files_are_one_error_line_of_the_command_line(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """A mask file that is missing, does not decode, has another size or marks nothing to fill in: exit status 2 and
+    one ``error:`` line naming the file (and the size wanted), no traceback, no samples written."""
+    from helpers import run_cli_processes
+
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "black.png")
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    cases = {"missing.png": "not found: give an image of 8x8 pixels", "garbage.png": "does not decode",
+             "big.png": "is 16x16, the images are 8x8", "black.png": "keeps every pixel"}
+    commands = [predict_overlay_args(tmp_path / "runs" / name, tiny_checkpoint, "inpaint.yaml",
+                                     "--data.init_args.predict_num_samples=2",
+                                     f"--model.init_args.predict_task.mask_file={tmp_path / name}")
+                for name in cases]
+    for (name, phrase), result in zip(cases.items(), run_cli_processes(commands)):
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, f"{name}:\n{result.stderr[-3000:]}"
+        assert len(errors) == 1 and f"mask image {tmp_path / name}" in errors[0] and phrase in errors[0], errors
+        assert not list((tmp_path / "runs" / name).rglob("samples.npz"))
 
 
 def test_predict_interpolates_pairs_of_test_images(tmp_path: Path, tiny_checkpoint: Path) -> None:
