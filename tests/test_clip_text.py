@@ -15,7 +15,10 @@ from diffusion_pl.cli import build_cli
 from diffusion_pl.conditioning import Text
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
-from diffusion_pl.nets.clip import CLIPNet, load_clip
+from diffusion_pl.errors import ConfigError
+from diffusion_pl.guidance import CLIP
+from diffusion_pl.nets import clip as clip_module
+from diffusion_pl.nets.clip import MAX_CUT_PROMPT_WARNINGS, CLIPNet, load_clip
 from helpers import REPO, tiny_args
 
 TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")
@@ -99,3 +102,30 @@ def test_net_without_the_text_routes_is_refused(encoder: str) -> None:
                             attention_resolutions=(4,)))
     text.check_net(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), attention_resolutions=(4,),
                         vector_dim=32, context_dim=64))
+
+
+def test_a_prompt_longer_than_the_context_is_logged_once_with_its_token_count(
+        encoder: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tiny CLIP reads 8 tokens: a 14-token prompt is cut, logged once over three "steps"; one of exactly 8 tokens
+    and a short one are not; after MAX_CUT_PROMPT_WARNINGS cut prompts nothing more is logged."""
+    monkeypatch.setattr(clip_module, "_cut_prompts", set())
+    clip = load_clip(encoder)
+    long, exact = "a photo of a very very very long prompt that goes on", "a b c d e f"  # 12 + 2 and 6 + 2 tokens
+    with caplog.at_level("WARNING", logger="diffusion_pl.nets.clip"), torch.no_grad():
+        for _ in range(3):
+            clip.text_features([long, "a photo of a 3", exact, long])
+        assert [r.getMessage() for r in caplog.records if "context length" in r.getMessage()] == [
+            f"the prompt {long!r} is 14 tokens long (with the start and end tokens), longer than the CLIP's context "
+            "length of 8: only its first 6 tokens are read, the rest is ignored"]
+        caplog.clear()
+        clip.text_features([f"{long} number {i}" for i in range(2 * MAX_CUT_PROMPT_WARNINGS)])
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == MAX_CUT_PROMPT_WARNINGS - 1 and "not reported" in messages[-1]
+
+
+def test_clip_guidance_refuses_an_empty_prompt(encoder: str) -> None:
+    with pytest.raises(ConfigError, match=r"empty prompt at position\(s\) \[1\] of its prompts.*no guidance"):
+        CLIP(encoder, prompts=["a photo of a 3", ""])
+    guidance = CLIP(encoder)
+    with pytest.raises(ConfigError, match=r"empty prompt at position\(s\) \[0, 2\] of the batch's prompts"):
+        guidance.wrap(None, batch={"prompt": ["", "a photo of a 3", " \t"]}, cond={}, null={}, process=None)

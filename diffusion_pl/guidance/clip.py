@@ -170,6 +170,17 @@ def _detached(pred: Prediction) -> Prediction:
                       log_var=None if pred.log_var is None else pred.log_var.detach())
 
 
+def check_prompts(prompts: Sequence[str], where: str) -> list[str]:
+    """The prompts of CLIP guidance as a list; an empty (or blank) one, whose guidance means nothing, is refused
+    (the message says it is in ``where``)."""
+    blank = [i for i, prompt in enumerate(prompts) if not prompt.strip()]
+    if blank:
+        raise ConfigError(f"CLIP guidance got an empty prompt at position(s) {blank[:8]} of {where}: it guides towards "
+                          "nothing. Give every sample a prompt, or sample without a prompt with no guidance (leave "
+                          "diffusion_pl.guidance.CLIP out of model.init_args.guidance)")
+    return list(prompts)
+
+
 class CLIP(Guidance):
     """CLIP guidance towards ``batch["prompt"]`` (predict: ``--data.init_args.predict_prompts='["a photo of a
     sneaker"]'``), eps' = eps - s sigma(t) grad log p(c | x_t) with log p = tau cos (:func:`clip_guidance`).
@@ -199,7 +210,7 @@ class CLIP(Guidance):
             raise ConfigError(f"cutouts must be >= 0 and cutout_min_fraction in (0, 1], got {cutouts}, "
                               f"{cutout_min_fraction}")
         self.model, self.scale, self.view = model, scale, view
-        self.prompts = list(prompts) if prompts else []
+        self.prompts = check_prompts(prompts or [], "its prompts")
         self.cutouts = Cutouts(cutouts, cutout_min_fraction, seed) if cutouts else None
         self.tv_weight, self.range_weight = tv_weight, range_weight
         self._net: CLIPNet | None = None
@@ -258,6 +269,7 @@ class CLIP(Guidance):
         if "prompt" not in batch:
             raise ConfigError("CLIP guidance needs a prompt per sample: predict --data.init_args.predict_prompts="
                               "'[\"a photo of a sneaker\"]'")
-        return clip_guidance(denoise, self.net, self.text_features(batch["prompt"]), process, self.scale,
+        prompts = check_prompts(batch["prompt"], "the batch's prompts (data.init_args.predict_prompts)")
+        return clip_guidance(denoise, self.net, self.text_features(prompts), process, self.scale,
                              view=self.view, cutouts=self.cutouts, tv_weight=self.tv_weight,
                              range_weight=self.range_weight)

@@ -18,6 +18,7 @@ the local cache, downloading only when online; offline, an error says where to p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -52,6 +53,10 @@ MAX_LOG_SCALE = math.log(100.0)
 DEFAULT_CLIP_CACHE = "~/.cache/clip"
 #: Checkpoint entry of a CLIPModule with the class names (in label order) its zero-shot prompts name.
 CLASS_NAMES_KEY = "clip_class_names"
+#: Prompts cut to a context length that are logged one by one (a captioned data set may hold thousands).
+MAX_CUT_PROMPT_WARNINGS = 5
+#: The prompts logged as cut so far in this process: each is logged once, not at every step.
+_cut_prompts: set[str] = set()
 
 
 class CLIPNotInstalledError(UserError, ImportError):
@@ -183,8 +188,10 @@ class CLIPNet(Configurable, nn.Module):
     # ------------------------------------------------------------------------------------------- text
 
     def tokenize(self, prompts: list[str] | tuple[str, ...]) -> Tensor:
-        """``clip.tokenize`` to this net's context length (longer prompts truncated), on the net's device."""
+        """``clip.tokenize`` to this net's context length, on the net's device. A longer prompt is cut to its first
+        tokens, with a warning (:func:`warn_cut_prompts`)."""
         tokens = import_clip().tokenize(list(prompts), context_length=self.context_length, truncate=True)
+        warn_cut_prompts(prompts, tokens)
         return tokens.to(self.mean.device)
 
     def text_features(self, prompts: list[str] | tuple[str, ...]) -> TextFeatures:
@@ -243,6 +250,41 @@ class CLIPNet(Configurable, nn.Module):
         except RuntimeError as error:
             raise CheckpointError(f"the CLIP state dict does not fit the architecture read off it ({error})") from error
         return net.eval()
+
+
+@functools.cache
+def _tokenizer() -> Any:
+    """The BPE tokenizer of ``clip.tokenize`` (read once per process)."""
+    return import_clip().simple_tokenizer.SimpleTokenizer()
+
+
+def token_count(prompt: str) -> int:
+    """Tokens of ``prompt`` in ``clip.tokenize``, the start and end tokens included."""
+    return len(_tokenizer().encode(prompt)) + 2
+
+
+def warn_cut_prompts(prompts: list[str] | tuple[str, ...], tokens: Tensor) -> None:
+    """Log each prompt that ``tokens`` (``clip.tokenize(prompts, truncate=True)``) cut to the context length, with
+    its token count: once per prompt and process, and after :data:`MAX_CUT_PROMPT_WARNINGS` of them no more. Only a
+    prompt that fills the whole context (a non-zero last token) is counted."""
+    context_length = tokens.shape[1]
+    for prompt, last in zip(prompts, tokens[:, -1].tolist()):
+        if len(_cut_prompts) >= MAX_CUT_PROMPT_WARNINGS:
+            return
+        if last == 0 or prompt in _cut_prompts:
+            continue  # it ends before the context does, or it was reported
+        count = token_count(prompt)
+        if count > context_length:
+            _cut_prompts.add(prompt)
+            more = (" (further prompts cut to the context length are not reported)"
+                    if len(_cut_prompts) == MAX_CUT_PROMPT_WARNINGS else "")
+            log.warning("the prompt %r is %d tokens long (with the start and end tokens), longer than the CLIP's "
+                        "context length of %d: only its first %d tokens are read, the rest is ignored%s",
+                        _shortened(prompt), count, context_length, context_length - 2, more)
+
+
+def _shortened(prompt: str, limit: int = 80) -> str:
+    return prompt if len(prompt) <= limit else prompt[:limit] + "..."
 
 
 def _check_arguments(image_size: int, in_channels: int, vit: bool, vision_width: int, patch: int | None,
