@@ -11,11 +11,13 @@ Bad input (data, config values, checkpoints, files) exits with status 2 and one 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
 from argparse import ArgumentError
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -31,8 +33,13 @@ from diffusion_pl.callbacks.preemption import TERMINATED_STATUS
 from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli_errors import DEBUG_ENV, DEBUG_FLAG, check_config_files, config_error, message
 from diffusion_pl.data import ImageDataModule
-from diffusion_pl.errors import UserError
-from diffusion_pl.nets.spec import build
+from diffusion_pl.checkpoint_file import read_checkpoint
+from diffusion_pl.errors import UserError, WriteError
+from diffusion_pl.nets.spec import build, is_spec
+
+log = logging.getLogger(__name__)
+#: What the file system says when output cannot be written: a read-only folder, no permission, a full disk or quota.
+WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
 
 # Arguments written once, in `data`, and copied into the model and its network. A model with a first stage gets
 # its network's size from the stage's latent shape instead (DiffusionCLI.before_instantiate_classes).
@@ -54,6 +61,24 @@ def set_net_to_latent_shape(model: Namespace) -> None:
                   "model.init_args.first_stage")
     channels, height, _ = stage.latent_shape((init_args.channels, init_args.image_size, init_args.image_size))
     init_args.net.init_args.in_channels, init_args.net.init_args.image_size = channels, height
+
+
+def first_stage_from_checkpoint(model: Namespace, ckpt_path: str | None) -> None:
+    """Let a latent model predict on its own: when the configured first stage's file is gone, take the stage's
+    architecture from the checkpoint being loaded, which holds its weights (``Autoencoder``'s ``net``)."""
+    init_args = model.get("init_args")
+    first_stage = None if init_args is None else init_args.get("first_stage")
+    stage_args = None if first_stage is None else first_stage.get("init_args")
+    if ckpt_path is None or stage_args is None or stage_args.get("net") is not None:
+        return
+    if "checkpoint" not in stage_args or Path(str(stage_args.checkpoint)).is_file():
+        return
+    stored = (read_checkpoint(ckpt_path).get("hyper_parameters") or {}).get("first_stage")
+    net = (stored.get("init_args") or {}).get("net") if is_spec(stored) else None
+    if net is not None:
+        log.info("first stage %s not found: its architecture and weights come from %s", stage_args.checkpoint,
+                 ckpt_path)
+        stage_args.net = net
 
 
 LIMIT_BATCHES = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
@@ -128,6 +153,7 @@ class DiffusionCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         with config_errors():
+            first_stage_from_checkpoint(config.model, config.get("ckpt_path"))
             set_net_to_latent_shape(config.model)
 
 
@@ -175,6 +201,14 @@ def _take_debug_flag(args: list[str] | None) -> tuple[list[str] | None, bool]:
     return args, debug
 
 
+def write_error(error: OSError) -> WriteError:
+    """The one-line message for output that the file system refused."""
+    where = f" {error.filename}" if error.filename else ""
+    return WriteError(f"cannot write{where}: {error.strerror or error}. Write elsewhere (--trainer.default_root_dir="
+                      "DIR, or the callbacks' output folders) or free disk space; a training run resumes from its last "
+                      "checkpoint")
+
+
 def main(args: Sequence[str] | None = None) -> None:
     """Console-script entry point: bad input exits with status 2 and one message (``--debug``: the traceback); a
     run Lightning stopped on SIGTERM (``validate``, ``test``) with status 143, as ``fit`` does."""
@@ -186,6 +220,11 @@ def main(args: Sequence[str] | None = None) -> None:
         if debug:
             raise
         sys.stderr.write(message(error))
+        sys.exit(2)
+    except OSError as error:  # e.g. a log folder on a read-only or full file system, raised by Lightning or torch
+        if debug or error.errno not in WRITE_ERRNOS:
+            raise
+        sys.stderr.write(message(write_error(error)))
         sys.exit(2)
     except SIGTERMException:
         sys.exit(TERMINATED_STATUS)

@@ -4,6 +4,7 @@ class tokens for cross-attention, and the latent configs end to end."""
 from __future__ import annotations
 
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ from diffusion_pl.callbacks import EMA, SampleGrid, SampleWriter
 from diffusion_pl.checkpoint_file import read_checkpoint
 from diffusion_pl.conditioning import ClassContext
 from diffusion_pl.data import ImageDataModule, calibration_batches
-from diffusion_pl.errors import CheckpointNotFoundError, ConfigError
+from diffusion_pl.cli import build_cli
+from diffusion_pl.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
@@ -290,3 +292,30 @@ def test_class_conditional_latent_model_predicts_decoded_images_with_its_stored_
     written = np.load(tmp_path / "out" / "samples.npz")
     assert written["samples"].shape == (6, 8, 8, 1) and written["samples"].dtype == np.uint8  # decoded to pixels
     assert written["labels"].tolist() == [3, 5, 3, 5, 3, 5]
+
+
+def test_a_latent_checkpoint_predicts_on_its_own(tmp_path: Path) -> None:
+    """The diffusion checkpoint holds the autoencoder's weights and architecture: predict gives the same images when
+    the autoencoder path is spelled differently, when the fit-only calibration_images differs, and when the
+    autoencoder file is gone (issue 24, part 5). A different scale is still a different model."""
+    autoencoder = tmp_path / "ae" / "autoencoder.ckpt"
+    autoencoder.parent.mkdir()
+    shutil.copy(TINY_AUTOENCODER, autoencoder)
+    stage = f"--model.init_args.first_stage.init_args.checkpoint={autoencoder}"
+    fit_latent(tmp_path / "train", "--trainer.max_steps=1", "--trainer.limit_val_batches=0", stage)
+    ckpt = f"--ckpt_path={tmp_path / 'train' / 'ckpt' / 'last.ckpt'}"
+
+    def predict(name: str, *extra: str) -> np.ndarray:
+        build_cli(["predict", *tiny_args(tmp_path / name, "--data.init_args.predict_num_samples=3",
+                                         "--model.init_args.sampler.steps=3", *extra, config=LDM), ckpt])
+        with np.load(next((tmp_path / name).rglob("samples.npz"))) as arrays:
+            return arrays["samples"]
+
+    reference = predict("same", stage)
+    respelled = f"--model.init_args.first_stage.init_args.checkpoint={tmp_path / 'ae' / '.' / 'autoencoder.ckpt'}"
+    np.testing.assert_array_equal(predict("respelled", respelled,
+                                          "--model.init_args.first_stage.init_args.calibration_images=7"), reference)
+    autoencoder.unlink()
+    np.testing.assert_array_equal(predict("gone", stage), reference)
+    with pytest.raises(CheckpointMismatchError, match="scale"):
+        predict("rescaled", stage, "--model.init_args.first_stage.init_args.scale=0.5")

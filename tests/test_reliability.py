@@ -3,6 +3,7 @@ directory, mismatched checkpoints refused, errors as messages."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -18,6 +19,7 @@ import threading
 import time
 import zipfile
 from argparse import ArgumentError
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -443,10 +445,42 @@ def test_a_checkpoint_of_another_kind_says_which_kind_in_one_line(ddpm_run: Path
                                "DiffusionModule checkpoint")
     ddpm = checkpoints(ddpm_run) / "last.ckpt"
     for load, expected in ((load_classifier_net, "ClassifierModule checkpoint (net EncoderClassifier)"),
-                           (Autoencoder, "AutoencoderModule checkpoint (net KLAutoencoder)")):
+                           (Autoencoder, "AutoencoderModule checkpoint")):
         with pytest.raises(CheckpointMismatchError) as info:
             load(str(ddpm))
         assert str(info.value) == f"{ddpm}: wrong kind of checkpoint: written by DiffusionModule, expected: {expected}"
+
+
+@contextlib.contextmanager
+def small_file_system(path: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted at ``path`` (e.g. ``ro`` or ``size=32k``), unmounted afterwards; skips without root."""
+    path.mkdir(parents=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small file system needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_read_only_folder_and_full_disk_are_one_message_and_leave_nothing_partial(ddpm_run: Path,
+                                                                                tmp_path: Path) -> None:
+    """fit into a read-only file system, and predict onto one that fills up while the samples are written: exit 2,
+    one error line saying what could not be written; no partial prediction file stays."""
+    good = checkpoints(ddpm_run) / "last.ckpt"
+    with small_file_system(tmp_path / "ro", "ro") as read_only, small_file_system(tmp_path / "full", "size=32k") as full:
+        fit, predict = run_cli_processes([
+            ["fit", *tiny_args(read_only / "run", "--trainer.max_steps=1")],
+            ["predict", *tiny_args(full / "run", "--data.init_args.predict_num_samples=600"), f"--ckpt_path={good}"]])
+        leftovers = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
+    assert fit.returncode == 2 and "error: cannot write" in fit.stderr and "Read-only file system" in fit.stderr, \
+        fit.stderr[-2000:]
+    assert predict.returncode == 2, predict.stderr[-2000:]
+    assert "error: could not write predictions" in predict.stderr and "No space left on device" in predict.stderr, \
+        predict.stderr[-2000:]
+    assert not [name for name in leftovers if "samples" in name or TEMP_PREFIX in name], leftovers
+    assert "Traceback" not in fit.stderr + predict.stderr
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -6,15 +6,16 @@ import abc
 import logging
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from diffusion_pl.errors import ConfigError
-from diffusion_pl.nets.autoencoder import KLAutoencoder
-from diffusion_pl.nets.loading import load_checkpoint, rebuild
-from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.nets.loading import load_checkpoint, rebuild, wrong_kind_error
+from diffusion_pl.nets.spec import Configurable, build, spec_of
 
 Shape = tuple[int, int, int]
 #: Sums a tensor over all processes (``trainer.strategy.reduce(x, reduce_op="sum")``; the identity on one process).
@@ -121,30 +122,48 @@ class Autoencoder(FirstStage):
 
     Frozen: the diffusion model's optimizer and EMA never see its weights (they are shared, not copied, by the EMA).
 
+    A diffusion checkpoint holds the autoencoder's weights and records its architecture (``net``), so a trained
+    latent model loads and predicts without the autoencoder file; only its architecture and the scale must agree
+    with the config (the path, ``sample_posterior`` and ``calibration_images`` are :attr:`SETTINGS`).
+
     Args:
         checkpoint: The ``AutoencoderModule`` checkpoint (its EMA weights when it was trained with EMA).
         sample_posterior: Encode training batches as z ~ q(z | x) (LDM); False: the posterior mean, as always outside
             training.
         scale: A known scale s; None: estimate it when fitting starts.
         calibration_images: Training images the estimate uses (all processes together).
+        net: The autoencoder's architecture (its net's spec), recorded in the spec from the file: built
+            from it, with weights to be loaded, when the file is gone.
     """
 
+    SETTINGS = ("checkpoint", "sample_posterior", "calibration_images", "net")
+
     def __init__(self, checkpoint: str, sample_posterior: bool = True, scale: float | None = None,
-                 calibration_images: int = 5000) -> None:
+                 calibration_images: int = 5000, net: dict[str, Any] | None = None) -> None:
         super().__init__()
         if scale is not None and not (math.isfinite(scale) and scale > 0):
             raise ConfigError(f"the latent scale must be a positive number, got {scale}: leave it null to estimate it")
         if calibration_images < 1:
             raise ConfigError(f"calibration_images must be >= 1, got {calibration_images}")
-        loaded = load_checkpoint(checkpoint, what="autoencoder checkpoint",
-                                 how_to_make="train one with diffusion-pl fit --config "
-                                             "configs/ldm/autoencoder_fashion_mnist.yaml")
-        self.autoencoder = rebuild(loaded, "net", "autoencoder.", checkpoint, "AutoencoderModule checkpoint",
-                                   KLAutoencoder)
+        if net is not None and not Path(checkpoint).is_file():
+            with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten by the diffusion checkpoint's
+                self.autoencoder = build(net, "the first stage's net")
+        else:
+            loaded = load_checkpoint(checkpoint, what="autoencoder checkpoint",
+                                     how_to_make="train one with diffusion-pl fit --config "
+                                                 "configs/ldm/autoencoder_fashion_mnist.yaml")
+            wrong_kind = wrong_kind_error(loaded, checkpoint, "AutoencoderModule")
+            if wrong_kind is not None:
+                raise wrong_kind
+            self.autoencoder = rebuild(loaded, "net", "autoencoder.", checkpoint, "AutoencoderModule checkpoint")
         self.autoencoder.requires_grad_(False)
         self.sample_posterior = sample_posterior
         self._calibration_images = calibration_images
         self.register_buffer("scale", torch.tensor(0.0 if scale is None else float(scale)))
+
+    def recorded_init_args(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The given arguments with the architecture read from the file (``net``)."""
+        return {**arguments, "net": spec_of(self.autoencoder)}
 
     def train(self, mode: bool = True) -> Autoencoder:
         """The autoencoder stays in eval mode (it is frozen)."""

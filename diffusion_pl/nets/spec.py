@@ -19,7 +19,7 @@ import importlib
 import inspect
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -45,7 +45,18 @@ class Configurable:
 
     ``spec_of(part)`` then gives the spec that :func:`build` turns back into an equal part. The wrapped ``__init__``
     keeps its signature (``functools.wraps``), so LightningCLI/jsonargparse see the same arguments.
+
+    Attributes:
+        SETTINGS: Init args that do not change what the part's weights mean (a file path, fit-time options): a
+            checkpoint whose spec differs from the config only there still fits (:func:`differences` skips them).
     """
+
+    SETTINGS: ClassVar[tuple[str, ...]] = ()
+
+    def recorded_init_args(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """The init args the part's spec records: those it was given; a part may add what it read elsewhere (e.g.
+        the architecture of a file it loaded), so that its spec rebuilds it without that file."""
+        return arguments
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -62,7 +73,7 @@ class Configurable:
                 bound = signature.bind(self, *args, **kwargs)
                 bound.apply_defaults()
                 arguments = dict(list(bound.arguments.items())[1:])
-                object.__setattr__(self, "_init_args", arguments)
+                object.__setattr__(self, "_init_args", self.recorded_init_args(arguments))
 
         cls.__init__ = recording_init  # type: ignore[method-assign]
 
@@ -209,6 +220,14 @@ def _with_defaults(spec: Spec) -> dict[str, Any]:
     return init_args
 
 
+def _settings(path: str) -> tuple[str, ...]:
+    """:attr:`Configurable.SETTINGS` of the class at ``path`` (none for a class that cannot be named)."""
+    try:
+        return getattr(import_class(path, "the spec"), "SETTINGS", ())
+    except (ValueError, TypeError):
+        return ()
+
+
 def _describable(value: Any) -> bool:
     try:
         spec_of(value)
@@ -221,7 +240,7 @@ def differences(stored: Any, current: Any, where: str = "") -> list[tuple[str, A
     """Where two descriptions (specs, lists, dicts, plain values) differ: ``(dotted path, stored, current)``.
 
     Specs of different classes differ as a whole; specs of one class differ in the init args that differ (the
-    class's defaults stand in for arguments one side lacks). Numbers compare by value (1 == 1.0), tuples as lists.
+    class's defaults stand in for arguments one side lacks), apart from its :attr:`Configurable.SETTINGS`. Numbers compare by value (1 == 1.0), tuples as lists.
     """
     if is_spec(stored) and is_spec(current):
         if stored["class_path"] != current["class_path"]:
@@ -229,6 +248,8 @@ def differences(stored: Any, current: Any, where: str = "") -> list[tuple[str, A
         left, right = _with_defaults(stored), _with_defaults(current)
         found = []
         for key in dict.fromkeys([*left, *right]):
+            if key in _settings(stored["class_path"]):
+                continue  # e.g. a file path spelled differently, a fit-time option
             a, b = left.get(key, _MISSING), right.get(key, _MISSING)
             if a is _MISSING or b is _MISSING:
                 continue  # an argument one side cannot describe: nothing to compare
