@@ -1,6 +1,9 @@
-"""Small tensor helpers shared by every layer."""
+"""Small tensor helpers shared by every layer, and a file's SHA-256."""
 
 from __future__ import annotations
+
+import hashlib
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -40,3 +43,12 @@ def from_uint8(images: Tensor) -> Tensor:
 def to_uint8(images: Tensor) -> Tensor:
     """Map images in [-1, 1] to uint8 in [0, 255] (round to nearest), the inverse of x / 127.5 - 1."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes (hex), read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()

@@ -4,8 +4,12 @@ directory that is not a converted dataset is a clear error."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,8 +29,9 @@ from PIL import Image
 from ddp_probe import DDPM_FASHION, TINY_OVERRIDES, read_steps, subprocess_env, write_callbacks_config
 from diffusion_pl.cli import build_cli
 from diffusion_pl.data import ImageDataModule
-from diffusion_pl.data.streaming import NotOptimizedError, convert_source
-from diffusion_pl.errors import UserError
+from diffusion_pl.data import streaming
+from diffusion_pl.data.streaming import CHECKSUM_FILE, NotOptimizedError, StreamingImageDataset, convert_source
+from diffusion_pl.errors import DataError, UserError
 from helpers import tiny_args
 
 REPO = Path(__file__).resolve().parent.parent
@@ -281,3 +286,88 @@ def test_a_directory_that_is_not_converted_is_a_clear_error(folder: Path, tmp_pa
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):
         convert_source("image_folder", str(tmp_path / "out"), root=str(folder), **FORMAT)
+
+
+# ------------------------------------------------------------------------------------------------ damaged chunks
+
+
+@pytest.fixture(scope="module")
+def chunked(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder in raw uint8 chunks of 2 kB (six train chunks): changed bytes still decode, to changed images."""
+    output = tmp_path_factory.mktemp("chunked") / "raw"
+    convert_source("image_folder", str(output), root=str(folder), storage="raw", chunk_bytes="2kB", val_fraction=0.04,
+                   **FORMAT)
+    return output
+
+
+def damaged_copy(chunked: Path, root: Path, damage: str) -> Path:
+    """A copy of the converted data whose second train chunk has a flipped byte, lost its tail or is gone; the
+    chunk's path."""
+    shutil.copytree(chunked, root)
+    chunk = sorted((root / "train").glob("*.bin"))[1]
+    data = bytearray(chunk.read_bytes())
+    if damage == "flip":
+        data[-100] ^= 0xFF  # a pixel of the chunk's last image
+        chunk.write_bytes(bytes(data))
+    elif damage == "truncate":
+        chunk.write_bytes(bytes(data[:-100]))
+    else:
+        chunk.unlink()
+    return chunk
+
+
+def read_split(root: Path) -> list[dict]:
+    dataset = StreamingImageDataset(str(root), "train", **FORMAT)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def test_conversion_records_the_sha256_of_every_chunk(chunked: Path) -> None:
+    chunks = json.loads((chunked / "train" / "index.json").read_text())["chunks"]
+    recorded = json.loads((chunked / "train" / CHECKSUM_FILE).read_text())["sha256"]
+    assert len(chunks) == 6 and recorded == {
+        chunk["filename"]: hashlib.sha256((chunked / "train" / chunk["filename"]).read_bytes()).hexdigest()
+        for chunk in chunks}
+
+
+@pytest.mark.parametrize(("damage", "problem"), [("flip", "is damaged: its SHA-256 differs from the one recorded"),
+                                                 ("truncate", "is truncated: 1822 of its 1922 bytes are there"),
+                                                 ("remove", "is missing")])
+def test_a_damaged_truncated_or_missing_chunk_is_a_data_error_naming_it(chunked: Path, tmp_path: Path, damage: str,
+                                                                         problem: str) -> None:
+    """Before: a flipped byte trained on a changed image; a truncated or missing chunk was LitData's "timed out
+    waiting for chunk ... a hung download" after 2 s (120 s for a remote dataset)."""
+    chunk = damaged_copy(chunked, tmp_path / "data", damage)
+    first = json.loads((chunked / "train" / "index.json").read_text())["chunks"][0]["chunk_size"]
+    start = time.monotonic()
+    with pytest.raises(DataError) as error:
+        read_split(tmp_path / "data")
+    assert time.monotonic() - start < 1.0
+    assert str(error.value).startswith(f"streaming chunk file {chunk} {problem}")
+    assert f"(item {first} is in it)" in str(error.value) and "tools/convert_dataset.py" in str(error.value)
+
+
+def test_each_chunk_is_checked_once_per_process(chunked: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    hashed, sha256 = [], streaming.file_sha256
+    monkeypatch.setattr(streaming, "file_sha256", lambda path: hashed.append(path) or sha256(path))
+    dataset = StreamingImageDataset(str(chunked), "train", **FORMAT)
+    for _ in range(2):
+        for i in range(len(dataset)):
+            dataset[i]
+    assert len(hashed) == len(set(hashed)) == 6
+
+
+def test_a_dataset_converted_before_checksums_streams_with_one_warning(chunked: Path, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    shutil.copytree(chunked, tmp_path / "old")
+    for split in ("train", "val"):
+        (tmp_path / "old" / split / CHECKSUM_FILE).unlink()
+    streaming._warn_unchecked.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="diffusion_pl.data.streaming"):
+        old = ImageDataModule("streaming", root=str(tmp_path / "old"), val_fraction=0.04, **FORMAT)
+        old.setup("fit")  # the train and val splits
+    warnings = [r.getMessage() for r in caplog.records if CHECKSUM_FILE in r.getMessage()]
+    assert len(warnings) == 1 and "converted before checksums" in warnings[0]
+    assert items(old.train_set) == items(StreamingImageDataset(str(chunked), "train", **FORMAT))
+    (tmp_path / "old" / "train" / "chunk-0-1.bin").unlink()
+    with pytest.raises(DataError, match="chunk-0-1.bin is missing"):  # sizes come from LitData's index
+        read_split(tmp_path / "old")

@@ -7,9 +7,10 @@
 
 An image folder has one subfolder per class (or ``train/`` and ``test/`` each holding them); ``<image>.txt`` beside
 an image is its caption. The output holds ``train/``, ``val/`` (the ``--val-fraction`` an ImageDataModule with the
-same ``--seed`` holds out) and ``test/`` (where the source has one), and ``diffusion_pl.json``. Train on it with
-``--data.init_args.source=streaming --data.init_args.root=OUTPUT`` (or configs/overlays/streaming.yaml); upload the
-directory to an object store and give its URL (``s3://bucket/name``) as the root to stream it from there.
+same ``--seed`` holds out) and ``test/`` (where the source has one), each with LitData's chunks and ``index.json`` and
+the SHA-256 of every chunk (``chunk_sha256.json``, checked when the chunks are read), and ``diffusion_pl.json``. Train
+on it with ``--data.init_args.source=streaming --data.init_args.root=OUTPUT`` (or configs/overlays/streaming.yaml);
+upload the directory to an object store and give its URL (``s3://bucket/name``) as the root to stream it from there.
 """
 
 from __future__ import annotations

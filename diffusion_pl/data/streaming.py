@@ -6,11 +6,19 @@ LitData dataset per split (``train/``, ``val/``, ``test/``, written by :func:`li
 its label and its caption. LitData's loader gives every rank and node its own shard and saves the position in the
 epoch in the checkpoint (``StreamingDataLoader.state_dict``), so training resumes with the next unseen batch.
 
+Beside each split's ``index.json`` (LitData's list of chunk files), ``chunk_sha256.json`` records the SHA-256 of every
+chunk file. Each process checks a chunk file the first time it reads from it (a local file before it is read, a
+remote one once downloaded): a missing, truncated or changed chunk is a :class:`~diffusion_pl.errors.DataError` naming
+the file and the item, never a changed image trained on. A dataset converted before checksums keeps working
+unchecked (a warning says so).
+
     python tools/convert_dataset.py --source image_folder --root photos/ --output photos_optimized/ --image-size 64
 """
 
 from __future__ import annotations
 
+import bisect
+import functools
 import io
 import json
 import logging
@@ -24,9 +32,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from litdata import StreamingDataLoader, StreamingDataset, optimize
+from litdata.exceptions import ChunkWaitTimeoutError
+from litdata.streaming.sampler import ChunkedIndex
 from PIL import Image
 from torch import Tensor
 
+from diffusion_pl.checkpoint_file import write_atomically
 from diffusion_pl.data.sources import (
     ImageData,
     LazyImageFolder,
@@ -37,14 +48,18 @@ from diffusion_pl.data.sources import (
     load_split,
     to_channels,
 )
-from diffusion_pl.errors import UserError
+from diffusion_pl.errors import DataError, UserError
 from diffusion_pl.resampling import DownsampleMode, downsample_uint8
-from diffusion_pl.utils import from_uint8
+from diffusion_pl.utils import file_sha256, from_uint8
 
 log = logging.getLogger(__name__)
 
 #: The file that marks a directory as a dataset converted by this framework.
 METADATA_FILE = "diffusion_pl.json"
+#: LitData's list of a split's chunk files.
+INDEX_FILE = "index.json"
+#: Beside it: the SHA-256 of each chunk file, recorded at conversion.
+CHECKSUM_FILE = "chunk_sha256.json"
 StorageFormat = Literal["png", "jpeg", "raw"]
 STORAGE_FORMATS: tuple[str, ...] = ("png", "jpeg", "raw")
 
@@ -99,23 +114,33 @@ def _not_optimized(root: str, reason: str) -> NotOptimizedError:
     )
 
 
+def read_text(root: str, name: str) -> str:
+    """The text of file ``name`` in ``root`` (a local path, or a URL fetched through LitData).
+
+    Raises:
+        FileNotFoundError: It is not there (for a URL: it could not be fetched; the message says why).
+    """
+    if not _is_remote(root):
+        return (Path(root).expanduser() / name).read_text()
+    from litdata.streaming.downloader import get_downloader
+
+    with tempfile.TemporaryDirectory() as cache:
+        local = str(Path(cache) / name)
+        try:
+            get_downloader(root, cache, []).download_file(_join(root, name), local)
+            return Path(local).read_text()
+        except Exception as error:  # noqa: BLE001 - each object store raises its own not-found error
+            raise FileNotFoundError(f"cannot fetch {name}: {error}") from error
+
+
 def read_metadata(root: str) -> StreamingMetadata:
     """The :class:`StreamingMetadata` of a converted dataset (a local path, or a URL fetched through LitData)."""
-    if _is_remote(root):
-        from litdata.streaming.downloader import get_downloader
-
-        with tempfile.TemporaryDirectory() as cache:
-            local = str(Path(cache) / METADATA_FILE)
-            try:
-                get_downloader(root, cache, []).download_file(_join(root, METADATA_FILE), local)
-                text = Path(local).read_text()
-            except Exception as error:  # noqa: BLE001 - each object store raises its own not-found error
-                raise _not_optimized(root, f"cannot fetch {METADATA_FILE}: {error}") from error
-    else:
-        path = Path(root).expanduser() / METADATA_FILE
-        if not path.is_file():
-            raise _not_optimized(root, f"no {METADATA_FILE} in it" if path.parent.is_dir() else "no such directory")
-        text = path.read_text()
+    try:
+        text = read_text(root, METADATA_FILE)
+    except OSError as error:
+        reason = (str(error) if _is_remote(root) else
+                  f"no {METADATA_FILE} in it" if Path(root).expanduser().is_dir() else "no such directory")
+        raise _not_optimized(root, reason) from error
     try:
         fields = json.loads(text)
         fields["class_names"] = tuple(fields["class_names"])
@@ -207,11 +232,65 @@ def convert_source(
         optimize(fn=partial(encode_item, data, storage, quality), inputs=list(range(len(data))),
                  output_dir=str(target / name), num_workers=num_workers, chunk_bytes=chunk_bytes, verbose=False,
                  start_method=multiprocessing.get_start_method())
+        write_checksums(target / name)
         counts[name] = len(data)
     metadata = StreamingMetadata(tuple(train.class_names), storage, image_size, channels, counts, val_fraction, seed,
                                  source)
     (target / METADATA_FILE).write_text(json.dumps(asdict(metadata), indent=2))
     return metadata
+
+
+def write_checksums(split: Path) -> None:
+    """Record the SHA-256 of each chunk file of a converted split (as its ``index.json`` lists them) in
+    :data:`CHECKSUM_FILE` beside it, written atomically."""
+    chunks = json.loads((split / INDEX_FILE).read_text())["chunks"]
+    digests = {chunk["filename"]: file_sha256(split / chunk["filename"]) for chunk in chunks}
+    write_atomically(split / CHECKSUM_FILE, [json.dumps({"sha256": digests}, indent=2).encode()],
+                     what="chunk checksums")
+
+
+# ---------------------------------------------------------------------------------------------------- chunks
+
+
+@dataclass(frozen=True)
+class ChunkFile:
+    """One chunk file of a split.
+
+    Attributes:
+        name: Its file name.
+        first: The index of its first item in the split.
+        size: Its bytes (LitData's ``chunk_bytes``).
+        sha256: Its SHA-256 recorded at conversion; None for a dataset converted before checksums.
+    """
+
+    name: str
+    first: int
+    size: int
+    sha256: str | None
+
+
+def read_chunk_files(root: str, split: str) -> list[ChunkFile]:
+    """The chunk files of a split of a converted dataset, from LitData's ``index.json`` and :data:`CHECKSUM_FILE`
+    (without it, no checksums: :func:`_warn_unchecked` says so once per dataset)."""
+    chunks = json.loads(read_text(_join(root, split), INDEX_FILE))["chunks"]
+    try:
+        digests = json.loads(read_text(_join(root, split), CHECKSUM_FILE))["sha256"]
+    except FileNotFoundError:
+        digests = {}
+        _warn_unchecked(root)
+    except (ValueError, KeyError, TypeError) as error:
+        raise DataError(f"{_join(_join(root, split), CHECKSUM_FILE)} is damaged ({error}): convert the dataset again "
+                        "with tools/convert_dataset.py") from error
+    firsts = np.cumsum([0] + [chunk["chunk_size"] for chunk in chunks[:-1]]).tolist()
+    return [ChunkFile(chunk["filename"], first, chunk["chunk_bytes"], digests.get(chunk["filename"]))
+            for chunk, first in zip(chunks, firsts)]
+
+
+@functools.cache
+def _warn_unchecked(root: str) -> None:
+    log.warning("the streaming dataset %s has no %s (it was converted before checksums were recorded): its chunk "
+                "files are not checked, and a damaged one goes unnoticed; convert it again with "
+                "tools/convert_dataset.py to record them", root, CHECKSUM_FILE)
 
 
 # --------------------------------------------------------------------------------------------------- reading
@@ -235,6 +314,9 @@ class StreamingImageDataset(StreamingDataset):
         caption_template: Caption of an item without one of its own, from its class name.
         shuffle: Shuffle chunks and items (training); the order depends on ``seed`` and the epoch.
         seed: Seed of the shuffle.
+
+    Each chunk file is checked the first time this process reads from it (module docstring): a missing, truncated or
+    changed one is a :class:`~diffusion_pl.errors.DataError` naming it and the item read.
     """
 
     def __init__(self, root: str, split: str, *, image_size: int, channels: int, resize_mode: ResizeMode = "pad",
@@ -244,6 +326,10 @@ class StreamingImageDataset(StreamingDataset):
         if not self.metadata.splits.get(split):
             raise _not_optimized(root, f"it has no {split!r} split; it has {sorted(self.metadata.splits)}")
         super().__init__(_join(root, split), shuffle=shuffle, seed=seed, drop_last=shuffle or None)
+        self.chunk_files = read_chunk_files(root, split)
+        self._chunk_firsts = [chunk.first for chunk in self.chunk_files]
+        self._checked_chunks: set[int] = set()
+        self._remote = _is_remote(root)
         self.image_size, self.channels, self.resize_mode = image_size, channels, resize_mode
         self.downsample, self.downsample_mode = downsample, downsample_mode
         self.class_captions = [caption_template.format(name) for name in self.metadata.class_names]
@@ -261,8 +347,53 @@ class StreamingImageDataset(StreamingDataset):
 
     def read(self, index: Any) -> tuple[Tensor, int, str | None]:
         """Item ``index`` as (uint8 image at this dataset's format, label, its own caption or None)."""
-        item = super().__getitem__(index)
+        item = self._stored_item(index)
         return self.decode(item["image"]), int(item["label"]), item["caption"] or None
+
+    def _stored_item(self, index: int | ChunkedIndex) -> dict[str, Any]:
+        """LitData's item ``index`` (a split index, or LitData's ``ChunkedIndex``), from a checked chunk file."""
+        chunk, item = (index.chunk_index, index.index) if isinstance(index, ChunkedIndex) else (
+            bisect.bisect_right(self._chunk_firsts, index) - 1, index)
+        if not self._remote:
+            self.check_chunk(chunk, item)  # a local file, before LitData reads it
+        try:
+            stored = super().__getitem__(index)
+        except ChunkWaitTimeoutError as error:  # LitData reports a chunk that never came whole as a hung download
+            raise self._chunk_error(chunk, item, f"did not arrive whole in {error.waited_s:.0f} s: it is missing or "
+                                                 "truncated in the store, or the download failed") from error
+        self.check_chunk(chunk, item)  # a remote chunk once downloaded (checked already: nothing to do)
+        return stored
+
+    def check_chunk(self, chunk: int, item: int) -> None:
+        """Check chunk file ``chunk`` (read for ``item``) once per process: that it is there, has the size LitData
+        wrote and, where conversion recorded one, the same SHA-256. A remote dataset's copy is checked once it is
+        downloaded whole (until then, or when LitData evicted it already, at a later read).
+
+        Raises:
+            DataError: The chunk file is missing, truncated or changed; the message names it and the item.
+        """
+        if chunk in self._checked_chunks:
+            return
+        recorded = self.chunk_files[chunk]
+        path = Path(self.input_dir.path or "") / recorded.name
+        size = path.stat().st_size if path.is_file() else None
+        if self._remote and (size is None or size < recorded.size):
+            return
+        if size is None:
+            raise self._chunk_error(chunk, item, "is missing")
+        if size < recorded.size:
+            raise self._chunk_error(chunk, item, f"is truncated: {size} of its {recorded.size} bytes are there")
+        if size > recorded.size:
+            raise self._chunk_error(chunk, item, f"is changed: {size} bytes, not the {recorded.size} written")
+        if recorded.sha256 is not None and file_sha256(path) != recorded.sha256:
+            raise self._chunk_error(chunk, item, "is damaged: its SHA-256 differs from the one recorded at "
+                                                 "conversion")
+        self._checked_chunks.add(chunk)
+
+    def _chunk_error(self, chunk: int, item: int, problem: str) -> DataError:
+        path = _join(self.input_dir.url or self.input_dir.path or "", self.chunk_files[chunk].name)
+        return DataError(f"streaming chunk file {path} {problem} (item {item} is in it): copy the dataset again from "
+                         "where it was converted, or convert it again with tools/convert_dataset.py")
 
     def __getitem__(self, index: Any) -> dict[str, Any]:
         image, label, caption = self.read(index)

@@ -19,7 +19,6 @@ the local cache, downloading only when online; offline, an error says where to p
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -38,6 +37,7 @@ from diffusion_pl.errors import CheckpointError, UserError
 from diffusion_pl.nets.loading import rebuild
 from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.nets.unet import SinusoidalEmbedding
+from diffusion_pl.utils import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -345,12 +345,8 @@ def check_released_torchscript(path: Path) -> None:
     Raises:
         CheckpointError: Any other TorchScript file; the message says how to turn it into a plain state dict.
     """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
     released = {url.rstrip("/").split("/")[-2]: name for name, url in import_clip().clip._MODELS.items()}
-    if digest.hexdigest() not in released:
+    if file_sha256(path) not in released:
         raise CheckpointError(
             f"{path} is a TorchScript archive but not one of OpenAI's released CLIP files (its SHA-256 matches none of "
             "their published digests): loading TorchScript runs the code stored in it, so it is refused. If you trust "
