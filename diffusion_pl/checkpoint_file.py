@@ -139,7 +139,12 @@ def remove_stale_temp_files(directory: str | Path) -> list[Path]:
 # ----------------------------------------------------------------------------------------------------- reading
 
 
-def verify_checksum(path: str | Path) -> bool:
+class _Damage(Exception):
+    """Why a checkpoint file is damaged, before the user's message (which offers the folder's good checkpoints) is
+    made: checking those must not build messages of its own."""
+
+
+def _checksum_state(path: str | Path) -> bool:
     """Check the SHA-256 that :func:`write_checkpoint` stored in a checkpoint file.
 
     Returns:
@@ -147,7 +152,7 @@ def verify_checksum(path: str | Path) -> bool:
         Lightning/PyTorch or an older diffusion_pl, or cut off before its end).
 
     Raises:
-        CheckpointCorruptError: The file's bytes differ from those written.
+        _Damage: The file's bytes differ from those written.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -158,11 +163,11 @@ def verify_checksum(path: str | Path) -> bool:
         marked = at >= 0 and tail[at + 20:at + 22] == _COMMENT_LEN.to_bytes(2, "little")
         if not marked:
             if CHECKSUM_PREFIX in tail:
-                raise corrupt_error(path, "its end is damaged (the end record before the checksum does not parse)")
+                raise _Damage("its end is damaged (the end record before the checksum does not parse)")
             return False
         comment = tail[at + _EOCD_LEN:]
         if len(comment) != _COMMENT_LEN:
-            raise corrupt_error(path, f"it is truncated (its checksum is {len(comment)} of {_COMMENT_LEN} bytes)"
+            raise _Damage(f"it is truncated (its checksum is {len(comment)} of {_COMMENT_LEN} bytes)"
                                 if len(comment) < _COMMENT_LEN else "bytes were appended after its end")
         handle.seek(0)
         digest, remaining = hashlib.sha256(), size - _COMMENT_LEN
@@ -173,11 +178,11 @@ def verify_checksum(path: str | Path) -> bool:
             digest.update(chunk)
             remaining -= len(chunk)
     if comment != CHECKSUM_PREFIX + digest.hexdigest().encode():
-        raise corrupt_error(path, "its bytes differ from those written (the checksum stored in it does not match)")
+        raise _Damage("its bytes differ from those written (the checksum stored in it does not match)")
     return True
 
 
-def verify_file(path: str | Path) -> str:
+def _file_state(path: str | Path) -> str:
     """Check a checkpoint file before loading it: the stored SHA-256, else (a checkpoint written without it) the
     CRC-32 of every record of its zip archive.
 
@@ -186,11 +191,11 @@ def verify_file(path: str | Path) -> str:
         truncated file, which ``torch.load`` then tells apart).
 
     Raises:
-        CheckpointCorruptError: The bytes differ from those written.
+        _Damage: The bytes differ from those written.
     """
     if Path(path).stat().st_size == 0:
-        raise corrupt_error(path, "it is empty (0 bytes)")
-    if verify_checksum(path):
+        raise _Damage("it is empty (0 bytes)")
+    if _checksum_state(path):
         return "sha256"
     try:
         with zipfile.ZipFile(path) as archive:
@@ -198,8 +203,24 @@ def verify_file(path: str | Path) -> str:
     except (zipfile.BadZipFile, EOFError, OSError, ValueError):
         return "unchecked"
     if bad is not None:
-        raise corrupt_error(path, f"its record {bad!r} fails the archive's CRC check (damaged after writing)")
+        raise _Damage(f"its record {bad!r} fails the archive's CRC check (damaged after writing)")
     return "zip-crc"
+
+
+def verify_checksum(path: str | Path) -> bool:
+    """:func:`_checksum_state`, raising CheckpointCorruptError (naming the checkpoints to resume from) for damage."""
+    try:
+        return _checksum_state(path)
+    except _Damage as damage:
+        raise corrupt_error(path, str(damage)) from None
+
+
+def verify_file(path: str | Path) -> str:
+    """:func:`_file_state`, raising CheckpointCorruptError (naming the checkpoints to resume from) for damage."""
+    try:
+        return _file_state(path)
+    except _Damage as damage:
+        raise corrupt_error(path, str(damage)) from None
 
 
 def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
@@ -279,21 +300,30 @@ def refuse_non_finite_weights(checkpoint: Any, source: str | Path) -> None:
                               f"diverged; use an earlier checkpoint{_others_hint(Path(str(source)))}")
 
 
-def other_checkpoints(path: str | Path) -> list[Path]:
-    """The other ``*.ckpt`` files in ``path``'s directory, newest first."""
+def other_checkpoints(path: str | Path, limit: int = 8) -> list[Path]:
+    """The other ``*.ckpt`` files in ``path``'s directory that verify (:func:`verify_file`), newest first, at most
+    ``limit`` of them: what a damaged checkpoint's message may offer to resume from."""
     path = Path(path)
     try:
-        found = [p for p in path.parent.glob("*.ckpt") if p.is_file() and p.name != path.name]
+        found = sorted((p for p in path.parent.glob("*.ckpt") if p.is_file() and p.name != path.name),
+                       key=lambda p: p.stat().st_mtime, reverse=True)
     except OSError:
         return []
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)
+    verified = []
+    for candidate in found:
+        with contextlib.suppress(_Damage, OSError):
+            if _file_state(candidate) != "unchecked":
+                verified.append(candidate)
+        if len(verified) == limit:
+            break
+    return verified
 
 
 def _others_hint(path: Path) -> str:
     others = other_checkpoints(path)
     if not others:
         return ""
-    return f"; checkpoints in {path.parent}, newest first: {', '.join(p.name for p in others[:8])}"
+    return f"; checkpoints in {path.parent}, newest first: {', '.join(p.name for p in others)}"
 
 
 def corrupt_error(path: str | Path, reason: str) -> CheckpointCorruptError:
@@ -302,7 +332,7 @@ def corrupt_error(path: str | Path, reason: str) -> CheckpointCorruptError:
     others = other_checkpoints(path)
     message = f"checkpoint {path} is damaged: {reason}.\n"
     if others:
-        names = ", ".join(p.name for p in others[:8]) + (", ..." if len(others) > 8 else "")
+        names = ", ".join(p.name for p in others)
         message += (f"Resume from the previous checkpoint instead: --ckpt_path {others[0]}\n"
                     f"(checkpoints in {path.parent}, newest first: {names})")
     else:

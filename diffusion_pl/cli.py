@@ -139,6 +139,9 @@ class DiffusionCLI(LightningCLI):
         kwargs.setdefault("plugins", with_checkpoint_io(configured.get("plugins")))
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.sort(key=lambda callback: not isinstance(callback, RunDirectory))  # it claims the log dir
+        for callback in trainer.callbacks:
+            if isinstance(callback, RunDirectory):
+                callback.note_unset_versions(trainer)
         trainer.callbacks = [RunProgressBar(c.refresh_rate) if type(c) is TQDMProgressBar else c  # noqa: E721
                              for c in trainer.callbacks]
         for name in LIMIT_BATCHES:

@@ -388,3 +388,19 @@ def test_trainer_resume_reproduces_order_and_flips(tmp_path: Path) -> None:
         ckpt = next((tmp_path / "full").glob(f"*step={step}.ckpt"))
         resumed, _ = _fit(tmp_path / f"resume{step}", ckpt_path=str(ckpt))
         assert resumed.train_seen == full.train_seen[step:]
+
+
+def test_colour_images_read_as_grayscale_are_announced_once(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """channels: 1 on RGB images converts them (luma): one warning per image mode, naming an example file; grayscale
+    images convert silently."""
+    from diffusion_pl.data import sources
+
+    monkeypatch.setattr(sources, "_WARNED_COLOR_MODES", set())
+    _make_tree(tmp_path)
+    with caplog.at_level("WARNING", logger="diffusion_pl.data.sources"):
+        load_split("image_folder", "train", root=str(tmp_path), image_size=10, channels=1)
+        to_channels(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), 1)
+        to_channels(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), 3)
+    warnings = [r.getMessage() for r in caplog.records if "to grayscale" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("converting RGB images such as ") and ".png" in warnings[0]

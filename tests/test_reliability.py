@@ -173,6 +173,34 @@ def _save_forever(directory: Path, payloads: list[torch.Tensor], tmpdir: Path) -
         os._exit(0)
 
 
+def test_damaged_checkpoints_hint_names_only_checkpoints_that_verify(tmp_path: Path) -> None:
+    """Of a folder's other checkpoints, the damaged one is not offered for resuming; the good one is."""
+    for name in ("good.ckpt", "also_damaged.ckpt", "last.ckpt"):
+        write_checkpoint({"step": name}, tmp_path / name)
+        time.sleep(0.01)  # distinct modification times: newest first
+    for name in ("also_damaged.ckpt", "last.ckpt"):
+        data = bytearray((tmp_path / name).read_bytes())
+        data[100:104] = b"\xff\xfe\xfd\xfc"
+        (tmp_path / name).write_bytes(bytes(data))
+    with pytest.raises(CheckpointCorruptError) as info:
+        read_checkpoint(tmp_path / "last.ckpt")
+    assert f"--ckpt_path {tmp_path / 'good.ckpt'}" in str(info.value) and "also_damaged" not in str(info.value)
+
+
+def test_loading_a_checkpoint_removes_temp_files_of_dead_writers_beside_it(tmp_path: Path) -> None:
+    """A run resumed into a new version never saves into the old checkpoint folder again: the resume itself removes
+    what killed writers left there (a live writer's file stays)."""
+    write_checkpoint({"step": 1}, tmp_path / "last.ckpt")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host = socket.gethostname()
+    stale = tmp_path / f"{TEMP_PREFIX}{dead.stdout.strip()}.abcd1234.{host}"
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}.abcd1234.{host}"
+    stale.write_bytes(b"partial")
+    live.write_bytes(b"partial")
+    assert VerifiedCheckpointIO().load_checkpoint(tmp_path / "last.ckpt")["step"] == 1
+    assert not stale.exists() and live.exists()
+
+
 def test_kill_during_saves_never_breaks_last_ckpt(tmp_path: Path) -> None:
     """kill -9 at 40 random moments of repeated 2 MB saves, with $TMPDIR on another filesystem (/dev/shm, a tmpfs):
     last.ckpt always verifies and holds one whole save; the killed writes' temp files are removed by the next save
@@ -557,6 +585,8 @@ def test_bad_input_exits_2_with_one_screen_message(ddpm_run: Path, tmp_path: Pat
         assert result.returncode == 2, f"{name}: exit {result.returncode}\n{output[-3000:]}"
         assert "Traceback" not in output and phrase in message, f"{name}:\n{output[-3000:]}"
         assert len(message.splitlines()) <= 8 and len(output.splitlines()) <= 25, f"{name}:\n{output}"
+    leftovers = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "runs").rglob("version_*"))
+    assert not leftovers, f"refused runs left version folders: {leftovers}"
 
 
 def test_messages_drop_wrappers_dumps_and_worker_tracebacks() -> None:

@@ -12,14 +12,17 @@ resumes in its ``version_<job id>`` on whatever node it gets).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import re
 import secrets
+import shutil
 import sys
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -168,24 +171,42 @@ class RunDirectory(pl.Callback):
     def __init__(self) -> None:
         self._locks: list[Path] = []
         self._claimed: list[Path] = []
+        self._unset: list[Any] = []
+
+    def note_unset_versions(self, trainer: pl.Trainer) -> None:
+        """Make the loggers whose version is unset claim it when it is first asked for. Lightning resolves a version
+        (as the next free number, not atomically) and creates the TensorBoard writer there before any callback's
+        ``setup``; from here on that resolution claims the folder (global rank 0; the CLI calls this as soon as the
+        Trainer exists, :meth:`setup` otherwise)."""
+        self._unset = [logger for logger in trainer.loggers
+                       if getattr(logger, "_version", 0) is None and is_local_path(logger.root_dir)]
+        for logger in self._unset:
+            logger._get_next_version = functools.partial(self._claim, trainer, logger, logger._get_next_version)
+
+    def _claim(self, trainer: pl.Trainer, logger: Any, unclaimed: Callable[[], int]) -> int:
+        """On global rank 0 claim the logger's next version folder; elsewhere Lightning's own guess (rank 0's
+        version is broadcast in :meth:`setup`)."""
+        if not trainer.is_global_zero:
+            return unclaimed()
+        version = claim_version(logger.root_dir)
+        self._claimed.append(Path(logger.root_dir) / f"version_{version}")
+        return version
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Rank 0 claims the versions and writes the locks; every rank learns the versions, or the refusal."""
-        loggers = [logger for logger in trainer.loggers  # unset versions; a fixed one (SLURM job id) is kept
-                   if getattr(logger, "_version", 0) is None and is_local_path(logger.root_dir)]
+        if not self._unset:
+            self.note_unset_versions(trainer)
         versions, error = None, None
         if trainer.is_global_zero:
             try:
-                versions = [claim_version(logger.root_dir) for logger in loggers]
+                versions = [logger.version for logger in self._unset]  # claimed when first resolved
             except OSError as failure:
                 error = f"cannot create the run's version folder: {failure}"
         versions, error = trainer.strategy.broadcast((versions, error))
         if error is not None:
             raise UserError(error)
-        for logger, version in zip(loggers, versions):
+        for logger, version in zip(self._unset, versions):
             logger._version = version
-            if trainer.is_global_zero:
-                self._claimed.append(Path(logger.root_dir) / f"version_{version}")
         directories = self._directories(trainer)
         if trainer.is_global_zero:
             error = self._lock(directories)
@@ -219,13 +240,16 @@ class RunDirectory(pl.Callback):
                     found.append(dirpath)
         return found
 
-    def _release(self) -> None:
-        """Remove this run's locks, and the version folders it claimed if nothing was written there."""
+    def _release(self, refused: bool = False) -> None:
+        """Remove this run's locks, and the version folders it claimed if nothing was written there (``refused``: a
+        run that failed before its first step, whose folder holds only what every run writes when it starts)."""
         for lock in self._locks:
             release_lock(lock)
         self._locks = []
         for folder in self._claimed:
             with contextlib.suppress(OSError):
+                if refused and _holds_only_start_files(folder):
+                    shutil.rmtree(folder)
                 folder.rmdir()  # only if empty: a run that stopped before writing anything leaves no trace
         self._claimed = []
 
@@ -233,4 +257,14 @@ class RunDirectory(pl.Callback):
         self._release()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._release()
+        self._release(refused=trainer.global_step == 0)
+
+
+#: What a run writes into its version folder when it starts, before any result: a refused run leaves only these.
+_START_FILES = ("config.yaml", "hparams.yaml", LOCK_NAME)
+
+
+def _holds_only_start_files(folder: Path) -> bool:
+    """Whether ``folder`` holds no checkpoint, grid, prediction or subfolder: only start files and event files."""
+    return all(path.is_file() and (path.name in _START_FILES or path.name.startswith("events.out.tfevents."))
+               for path in folder.iterdir())

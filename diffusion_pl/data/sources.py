@@ -111,6 +111,22 @@ def holdout_indices(num_images: int, fraction: float, seed: int) -> tuple[Tensor
 # --------------------------------------------------------------------------------------------------- conversion
 
 
+#: PIL modes of single-channel images (no colour is lost converting them to "L").
+GRAY_MODES = ("1", "L", "LA", "I", "I;16", "F")
+
+
+_WARNED_COLOR_MODES: set[str] = set()
+
+
+def warn_color_to_gray(mode: str, example: str = "") -> None:
+    """Log, once per process and image mode, that colour images are converted to grayscale (channels: 1)."""
+    if mode in _WARNED_COLOR_MODES:
+        return
+    _WARNED_COLOR_MODES.add(mode)
+    log.warning("converting %s images%s to grayscale (ITU-R 601-2 luma), as data.init_args.channels=1 asks; set "
+                "channels: 3 to keep their colour", mode, f" such as {example}" if example else "")
+
+
 def to_channels(images: Tensor, channels: int) -> Tensor:
     """Convert uint8 (N, C, H, W) images between grayscale and RGB.
 
@@ -129,6 +145,7 @@ def to_channels(images: Tensor, channels: int) -> Tensor:
     if have == 1 and channels == 3:
         return images.repeat(1, 3, 1, 1)
     if have == 3 and channels == 1:
+        warn_color_to_gray("RGB")
         weights = torch.tensor(_LUMA, dtype=torch.float32).view(1, 3, 1, 1)
         gray = (images.float() * weights).sum(1, keepdim=True)
         return gray.round_().clamp_(0, 255).to(torch.uint8)
@@ -404,6 +421,8 @@ def decode_image(file: Path | BinaryIO, channels: int, image_size: int, resize_m
 
     try:
         with Image.open(file) as img:
+            if channels == 1 and img.mode not in GRAY_MODES:
+                warn_color_to_gray(img.mode, str(name or file))
             array = np.asarray(img.convert("L" if channels == 1 else "RGB"))
     except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, unidentified or malformed files
         raise DataError(f"cannot decode image {name or file} ({type(error).__name__}: {error}): the file is damaged "
