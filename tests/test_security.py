@@ -93,18 +93,22 @@ def part_checkpoint(path: Path, net_spec: dict[str, Any], prefix: str) -> Path:
     return path
 
 
-# Every loader of a part's checkpoint: (what it loads, the prefix of its weights).
-PART_LOADERS: dict[str, tuple[Callable[[str], Any], str]] = {
-    "guidance.Classifier": (lambda p: Classifier(p).prepare(DiscreteProcess(100, "cosine"), torch.device("cpu")), "net."),
-    "nets.classifier.load_classifier_net": (load_classifier_net, "net."),
-    "metrics.ClassifierFeatures (FID domain extractor)": (ClassifierFeatures, "net."),
-    "first_stage.Autoencoder": (lambda p: Autoencoder(p), "autoencoder."),
-    "nets.clip.load_clip": (load_clip, "net."),
-    "guidance.CLIP": (lambda p: CLIP(p, prompts=["a"]).prepare(DiscreteProcess(100, "cosine"), torch.device("cpu")), "net."),
-    "conditioning.Text": (lambda p: Text(p), "net."),
-    "ClassifierModule.load_from_checkpoint": (ClassifierModule.load_from_checkpoint, "net."),
-    "CLIPModule.load_from_checkpoint": (CLIPModule.load_from_checkpoint, "net."),
-    "AutoencoderModule.load_from_checkpoint": (AutoencoderModule.load_from_checkpoint, "autoencoder."),
+# Every loader of a part's checkpoint: (what it loads, the prefix of its weights, the class of net it expects).
+CLASSIFIER, AUTOENCODER, CLIP_NET = ("diffusion_pl.nets.classifier.EncoderClassifier",
+                                     "diffusion_pl.nets.autoencoder.KLAutoencoder", "diffusion_pl.nets.clip.CLIPNet")
+PART_LOADERS: dict[str, tuple[Callable[[str], Any], str, str]] = {
+    "guidance.Classifier": (lambda p: Classifier(p).prepare(DiscreteProcess(100, "cosine"), torch.device("cpu")),
+                            "net.", CLASSIFIER),
+    "nets.classifier.load_classifier_net": (load_classifier_net, "net.", CLASSIFIER),
+    "metrics.ClassifierFeatures (FID domain extractor)": (ClassifierFeatures, "net.", CLASSIFIER),
+    "first_stage.Autoencoder": (lambda p: Autoencoder(p), "autoencoder.", AUTOENCODER),
+    "nets.clip.load_clip": (load_clip, "net.", CLIP_NET),
+    "guidance.CLIP": (lambda p: CLIP(p, prompts=["a"]).prepare(DiscreteProcess(100, "cosine"), torch.device("cpu")),
+                      "net.", CLIP_NET),
+    "conditioning.Text": (lambda p: Text(p), "net.", CLIP_NET),
+    "ClassifierModule.load_from_checkpoint": (ClassifierModule.load_from_checkpoint, "net.", CLASSIFIER),
+    "CLIPModule.load_from_checkpoint": (CLIPModule.load_from_checkpoint, "net.", CLIP_NET),
+    "AutoencoderModule.load_from_checkpoint": (AutoencoderModule.load_from_checkpoint, "autoencoder.", AUTOENCODER),
 }
 
 
@@ -122,7 +126,7 @@ def refused(load: Callable[[], Any], sentinel: Path, class_path: str) -> None:
 @pytest.mark.parametrize("payload", sorted(payloads(Path("x"))))
 def test_crafted_part_checkpoint_runs_nothing_in_any_loader(loader: str, payload: str, sentinel: Path,
                                                             tmp_path: Path) -> None:
-    load, prefix = PART_LOADERS[loader]
+    load, prefix, _ = PART_LOADERS[loader]
     spec = payloads(sentinel)[payload]
     path = part_checkpoint(tmp_path / "crafted.ckpt", spec, prefix)
     refused(lambda: load(str(path)), sentinel, spec["class_path"])
@@ -130,9 +134,9 @@ def test_crafted_part_checkpoint_runs_nothing_in_any_loader(loader: str, payload
 
 @pytest.mark.parametrize("loader", sorted(PART_LOADERS))
 def test_payload_nested_in_init_args_runs_nothing(loader: str, sentinel: Path, tmp_path: Path) -> None:
-    """A legitimate net spec whose argument is a payload spec: refused before the net is built."""
-    load, prefix = PART_LOADERS[loader]
-    good = {"class_path": "diffusion_pl.nets.classifier.EncoderClassifier", "init_args": {"image_size": 8}}
+    """A legitimate net spec of the loader's kind whose argument is a payload spec: refused before the net is built."""
+    load, prefix, net_class = PART_LOADERS[loader]
+    good = {"class_path": net_class, "init_args": {"image_size": 8}}
     path = part_checkpoint(tmp_path / "nested.ckpt", nested(payloads(sentinel)["os.system"], good, "dropout"), prefix)
     refused(lambda: load(str(path)), sentinel, "os.system")
 
