@@ -265,6 +265,6 @@ _START_FILES = ("config.yaml", "hparams.yaml", LOCK_NAME)
 
 
 def _holds_only_start_files(folder: Path) -> bool:
-    """Whether ``folder`` holds no checkpoint, grid, prediction or subfolder: only start files and event files."""
-    return all(path.is_file() and (path.name in _START_FILES or path.name.startswith("events.out.tfevents."))
-               for path in folder.iterdir())
+    """Whether ``folder`` holds no checkpoint, grid or prediction: only start files, event files and empty folders."""
+    return all((path.is_file() and (path.name in _START_FILES or path.name.startswith("events.out.tfevents.")))
+               or (path.is_dir() and not any(path.iterdir())) for path in folder.iterdir())
