@@ -112,7 +112,7 @@ PART_LOADERS: dict[str, tuple[Callable[[str], Any], str, str]] = {
 }
 
 
-def refused(load: Callable[[], Any], sentinel: Path, class_path: str) -> None:
+def assert_refused(load: Callable[[], Any], sentinel: Path, class_path: str) -> None:
     """``load()`` raises one short refusal naming ``class_path`` and the opt-in, and writes nothing."""
     with pytest.raises(UntrustedPartError) as info:
         load()
@@ -129,7 +129,7 @@ def test_crafted_part_checkpoint_runs_nothing_in_any_loader(loader: str, payload
     load, prefix, _ = PART_LOADERS[loader]
     spec = payloads(sentinel)[payload]
     path = part_checkpoint(tmp_path / "crafted.ckpt", spec, prefix)
-    refused(lambda: load(str(path)), sentinel, spec["class_path"])
+    assert_refused(lambda: load(str(path)), sentinel, spec["class_path"])
 
 
 @pytest.mark.parametrize("loader", sorted(PART_LOADERS))
@@ -138,7 +138,7 @@ def test_payload_nested_in_init_args_runs_nothing(loader: str, sentinel: Path, t
     load, prefix, net_class = PART_LOADERS[loader]
     good = {"class_path": net_class, "init_args": {"image_size": 8}}
     path = part_checkpoint(tmp_path / "nested.ckpt", nested(payloads(sentinel)["os.system"], good, "dropout"), prefix)
-    refused(lambda: load(str(path)), sentinel, "os.system")
+    assert_refused(lambda: load(str(path)), sentinel, "os.system")
 
 
 @pytest.mark.parametrize("hparam", ["net", "process", "sampler", "loss", "first_stage", "likelihood", "guidance",
@@ -149,13 +149,13 @@ def test_diffusion_checkpoint_with_a_payload_in_any_part_runs_nothing(hparam: st
     (guidance) or as the optimizer factory, is refused; so is one nested in the net's arguments."""
     payload = payloads(sentinel)["subprocess.Popen"]
     path = diffusion_checkpoint(tmp_path / f"{hparam}.ckpt", **{hparam: [payload] if hparam == "guidance" else payload})
-    refused(lambda: DiffusionModule.load_from_checkpoint(path), sentinel, "subprocess.Popen")
+    assert_refused(lambda: DiffusionModule.load_from_checkpoint(path), sentinel, "subprocess.Popen")
 
 
 def test_nested_payload_in_a_diffusion_net_runs_nothing(sentinel: Path, tmp_path: Path) -> None:
     net = spec_of(tiny_unet())
     path = diffusion_checkpoint(tmp_path / "nested.ckpt", net=nested(payloads(sentinel)["builtins.eval"], net, "dropout"))
-    refused(lambda: DiffusionModule.load_from_checkpoint(path), sentinel, "builtins.eval")
+    assert_refused(lambda: DiffusionModule.load_from_checkpoint(path), sentinel, "builtins.eval")
 
 
 def test_lightning_instantiator_payload_is_refused(sentinel: Path, tmp_path: Path) -> None:

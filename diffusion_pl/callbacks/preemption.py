@@ -7,6 +7,7 @@ job. Both are :class:`SignalCheckpoint`: the handler records the signal, the cal
 
 from __future__ import annotations
 
+import abc
 import logging
 import os
 import re
@@ -91,7 +92,7 @@ class Preempted(SystemExit):
     """Raised on every rank after a signal's checkpoint: training stops without end-of-training hooks."""
 
 
-class SignalCheckpoint(pl.Callback):
+class SignalCheckpoint(pl.Callback, abc.ABC):
     """Save a checkpoint when a signal arrives, at an optimizer-step boundary that every rank agrees on, then stop.
 
     Saving calls collectives (``Trainer.save_checkpoint``'s barrier, the all-gather of
@@ -124,13 +125,13 @@ class SignalCheckpoint(pl.Callback):
         self._installed = False
         self._last_checked_step = -1
 
+    @abc.abstractmethod
     def checkpoint_path(self, trainer: pl.Trainer) -> str:
         """Where to save (called on every rank; global rank 0's answer is used)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def exit_status(self, trainer: pl.Trainer) -> int:
         """The status every rank exits with once the checkpoint is saved and the loggers are flushed."""
-        raise NotImplementedError
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         """Only record the signal: no I/O, no collectives (the rank may be inside one)."""

@@ -146,7 +146,7 @@ class Autoencoder(FirstStage):
         if calibration_images < 1:
             raise ConfigError(f"calibration_images must be >= 1, got {calibration_images}")
         if net is not None and not Path(checkpoint).is_file():
-            with torch.random.fork_rng(devices=[]):  # placeholder weights, overwritten by the diffusion checkpoint's
+            with torch.random.fork_rng(devices=[]):  # random initial weights, replaced by the checkpoint's
                 self.autoencoder = build(net, "the first stage's net")
         else:
             loaded = load_checkpoint(checkpoint, what="autoencoder checkpoint",
