@@ -122,7 +122,8 @@ def test_slerp_keeps_the_norm_of_orthogonal_latents() -> None:
     z, z_prime = torch.tensor([[3.0, 0.0]]), torch.tensor([[0.0, 3.0]])
     out = slerp(z, z_prime, torch.tensor([0.0, 0.5, 1.0]))
     torch.testing.assert_close(out.norm(dim=1), torch.full((3,), 3.0))
-    torch.testing.assert_close(out[0], z[0]) and torch.testing.assert_close(out[2], z_prime[0])
+    torch.testing.assert_close(out[0], z[0])
+    torch.testing.assert_close(out[2], z_prime[0])
 
 
 # -------------------------------------------------------------------------------------------------- inpainting

@@ -171,3 +171,15 @@ def test_sde_model_samples_and_reports_ode_bpd(tmp_path: Path, sampler: str) -> 
 def test_sampler_process_mismatch_is_explained(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="DDPM samples a DiscreteProcess"):
         tiny_cli(tmp_path, "--model.init_args.sampler=DDPM", config=VP)
+
+
+def test_evaluation_seeds_are_distinct_for_every_rank_and_batch() -> None:
+    """10^5 batches on each of 64 ranks get 6.4 million distinct seeds (``batch + 1000 * rank`` repeated one after
+    1,000 batches), the same ones at every evaluation; out-of-range inputs are refused."""
+    from diffusion_pl.utils import evaluation_seed
+
+    seeds = {evaluation_seed(batch, rank) for rank in range(64) for batch in range(100_000)}
+    assert len(seeds) == 64 * 100_000 and max(seeds) < 2**64
+    assert evaluation_seed(1000, 0) != evaluation_seed(0, 1) and evaluation_seed(7, 3) == evaluation_seed(7, 3)
+    with pytest.raises(ValueError):
+        evaluation_seed(-1, 0)

@@ -20,6 +20,7 @@ from diffusion_pl.models.lr_schedule import configure_optimization
 from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
 from diffusion_pl.nets.spec import build, factory, is_spec, keep_described, spec_of
 from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.utils import evaluation_seed
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ class ClassifierModule(CheckpointChecks, pl.LightningModule):
 
     def _eval_generator(self, batch_idx: int) -> torch.Generator:
         """Generator for evaluation noise, seeded by (batch, rank): same noise at every evaluation."""
-        return torch.Generator(device=self.device).manual_seed(batch_idx + 1000 * self.global_rank)
+        return torch.Generator(device=self.device).manual_seed(evaluation_seed(batch_idx, self.global_rank))
 
     def _log_buckets(self, stage: Stage) -> None:
         """Log (and reset) the per-noise-level accuracy of ``stage``; buckets without samples are skipped."""

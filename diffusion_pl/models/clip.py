@@ -20,6 +20,7 @@ from diffusion_pl.models.lr_schedule import configure_optimization
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet
 from diffusion_pl.nets.spec import build, factory, is_spec, keep_described, spec_of
 from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.utils import evaluation_seed
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +178,7 @@ class CLIPModule(CheckpointChecks, pl.LightningModule):
 
     def _eval_seed(self, batch_idx: int) -> int:
         """Seed of an evaluation batch's noise and templates, from (batch, rank): the same at every evaluation."""
-        return batch_idx + 1000 * self.global_rank
+        return evaluation_seed(batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._step(batch, "train", None)

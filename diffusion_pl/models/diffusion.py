@@ -27,7 +27,7 @@ from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, c
 from diffusion_pl.pipelines import PredictTask, seeded_noise
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers import DDPM, Sampler
-from diffusion_pl.utils import to_uint8
+from diffusion_pl.utils import evaluation_seed, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         """Log ``<stage>/loss`` and the likelihood metrics. Noise comes from a generator seeded by (batch, rank):
         comparable across evaluations, and the global RNG is untouched (exact resume)."""
-        seed = batch_idx + 1000 * self.global_rank
+        seed = evaluation_seed(batch_idx, self.global_rank)
         generator = torch.Generator(device=self.device).manual_seed(seed)
         latents, cond = self.first_stage.encode(batch["image"]), self.condition(batch)
         metrics = {"loss": self.loss_fn(self.denoiser, latents, generator=generator, **cond).mean()}
