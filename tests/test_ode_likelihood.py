@@ -9,7 +9,6 @@ it uses prior(x(1)) where the true marginal is N(alpha_1 m, C_1).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -29,13 +28,8 @@ PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 PRIOR_STD = {"vp": 1.0, "subvp": 1.0, "ve": 50.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Small tensors: one intra-op thread (conftest.py's fixture) is several times faster than two on a 2-core machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def marginal(process: SDEProcess, t: float, mean: torch.Tensor, cov: torch.Tensor) -> MultivariateNormal:

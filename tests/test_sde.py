@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -13,13 +12,8 @@ from diffusion_pl.processes import VESDE, VPSDE, DiscreteProcess, SDEProcess, Su
 PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Small tensors: one intra-op thread (conftest.py's fixture) is several times faster than two on a 2-core machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def simulate_forward(process: SDEProcess, x0: float, n: int, steps: int, checkpoints: list[int],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -30,13 +30,8 @@ N = 10_000
 WEIGHT_ALLOWANCE, MEAN_ALLOWANCE, STD_ALLOWANCE = 0.01, 0.01, 0.04
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread is several times faster than two on a shared 2-core machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+#: Small tensors: one intra-op thread (conftest.py's fixture) is several times faster than two on a 2-core machine.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 SAMPLERS: dict[str, Callable[[DenoiseFn, SDEProcess, torch.Tensor, torch.Generator], torch.Tensor]] = {
     "euler_maruyama": lambda den, p, x, g: sample_euler_maruyama(den, p, x, grid=sde_times(p, 500), generator=g),
