@@ -333,3 +333,27 @@ def test_parts_build_from_specs_and_yaml() -> None:
                                  "    spacing:\n      class_path: diffusion_pl.samplers.Trailing\n")
     sampler = parser.instantiate_classes(config).sampler
     assert isinstance(sampler, Euler) and isinstance(sampler.spacing, TimeGrid) and sampler.spacing == Trailing()
+
+
+@pytest.mark.parametrize("name", ["Euler", "Heun", "DPMSolverPP"])
+def test_model_samples_with_the_part_from_the_command_line(name: str, tmp_path) -> None:  # noqa: ANN001
+    """``--model.init_args.sampler=DPMSolverPP --model.init_args.sampler.steps=3`` (and a grid override) on the tiny
+    DDPM model: the UNet sees non-integer steps; an image depends only on its seed, not on its batch."""
+    from diffusion_pl.cli import build_cli
+    from helpers import tiny_args
+
+    cli = build_cli(tiny_args(tmp_path, f"--model.init_args.sampler={name}", "--model.init_args.sampler.steps=3",
+                              "--model.init_args.sampler.spacing=Karras", "--model.init_args.sampler.spacing.rho=5"),
+                    run=False)
+    model = cli.model.eval()
+    assert type(model.sampler).__name__ == name and model.sampler.steps == 3
+    assert model.sampler.spacing == Karras(rho=5.0)
+    times: list[Tensor] = []
+    forward = model.denoiser.net.forward
+    model.denoiser.net.forward = lambda x, t, **cond: (times.append(t), forward(x, t, **cond))[1]
+    noise = model.process.prior_sample((3, *model.latent_shape), generator=torch.Generator().manual_seed(7))
+    images = model.sample(noise=noise)
+    assert images.shape == (3, *model.latent_shape) and bool(images.isfinite().all())
+    assert times[0][0].item() == model.process.num_steps and any(t[0] != t[0].round() for t in times)
+    torch.testing.assert_close(model.sample(noise=noise[1:2]), images[1:2], rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.sample(noise=noise), images)
