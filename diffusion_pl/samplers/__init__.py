@@ -6,6 +6,8 @@ from diffusion_pl.samplers.configs import (
     DDPM,
     ODE,
     DPMSolverPP,
+    DPMSolverPPSDE,
+    EDMStochastic,
     Euler,
     EulerMaruyama,
     Heun,
@@ -15,6 +17,7 @@ from diffusion_pl.samplers.configs import (
 from diffusion_pl.samplers.ddim import invert_ddim, sample_ddim
 from diffusion_pl.samplers.ddpm import ddpm_step, sample_ddpm
 from diffusion_pl.samplers.edm import OnStepFn, sample_dpmpp_2m, sample_euler, sample_heun
+from diffusion_pl.samplers.edm_sde import sample_dpmpp_2m_sde, sample_edm_stochastic
 from diffusion_pl.samplers.grids import append_zero, ddpm_grid, sde_times, strided_grid, strided_steps
 from diffusion_pl.samplers.ode import encode_ode, integrate_ode, probability_flow, sample_ode
 from diffusion_pl.samplers.project import ProjectFn
@@ -26,5 +29,6 @@ __all__ = [
     "append_zero", "ddpm_grid", "encode_ode", "invert_ddim", "integrate_ode", "probability_flow", "sample_ddim", "sample_ddpm",
     "sample_euler_maruyama", "sample_ode", "sample_pc", "sde_times", "strided_grid", "strided_steps",
     "DPMSolverPP", "Euler", "Heun", "Karras", "LogSNR", "OnStepFn", "TimeGrid", "Trailing", "Uniform",
-    "sample_dpmpp_2m", "sample_euler", "sample_heun",
+    "sample_dpmpp_2m", "sample_euler", "sample_heun", "DPMSolverPPSDE", "EDMStochastic", "sample_dpmpp_2m_sde",
+    "sample_edm_stochastic",
 ]

@@ -23,6 +23,7 @@ from diffusion_pl.processes.sde import SDEProcess
 from diffusion_pl.samplers.ddim import check_eta, sample_ddim
 from diffusion_pl.samplers.ddpm import sample_ddpm
 from diffusion_pl.samplers.edm import sample_dpmpp_2m, sample_euler, sample_heun
+from diffusion_pl.samplers.edm_sde import check_churn, sample_dpmpp_2m_sde, sample_edm_stochastic
 from diffusion_pl.samplers.grids import (
     TimeSpacing,
     append_zero,
@@ -359,3 +360,59 @@ class DPMSolverPP(_EDMSampler):
              generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
         return sample_dpmpp_2m(denoise, process, x_T, grid=grid, project=project, generator=generator,
                                progress=progress)
+
+
+class EDMStochastic(_EDMSampler):
+    """EDM's stochastic sampler, Karras et al. 2022, Alg. 2 (:func:`~diffusion_pl.samplers.edm_sde.sample_edm_stochastic`):
+    Heun steps from a noise level raised by gamma_i = min(S_churn / N, sqrt(2) - 1) within [S_tmin, S_tmax].
+
+    Args:
+        steps: Number of steps N.
+        spacing: The time grid part; None: ``Karras()``.
+        s_churn: S_churn (0: Heun, Alg. 1; EDM's ImageNet-64 setting: 40 with S_tmin 0.05, S_tmax 50, S_noise 1.003).
+        s_tmin: Smallest sigma~ at which noise is added.
+        s_tmax: Largest sigma~ at which noise is added; None: no bound.
+        s_noise: Standard deviation of the added noise.
+    """
+
+    def __init__(self, steps: int = 18, spacing: TimeGrid | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float | None = None, s_noise: float = 1.0) -> None:
+        super().__init__(steps, spacing)
+        check_churn(s_churn, s_tmin, s_tmax, s_noise)
+        self.s_churn = s_churn
+        self.s_tmin = s_tmin
+        self.s_tmax = s_tmax
+        self.s_noise = s_noise
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_edm_stochastic(denoise, process, x_T, grid=grid, s_churn=self.s_churn, s_tmin=self.s_tmin,
+                                     s_tmax=self.s_tmax, s_noise=self.s_noise, project=project, generator=generator,
+                                     progress=progress)
+
+
+class DPMSolverPPSDE(_EDMSampler):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b, Sec. 5; :func:`~diffusion_pl.samplers.edm_sde.sample_dpmpp_2m_sde`):
+    one evaluation per step, fresh noise sigma~_s sqrt(1 - e^{-2 eta h}) at every step.
+
+    Args:
+        steps: Number of steps N.
+        spacing: The time grid part; None: ``Karras()``.
+        eta: Stochasticity in [0, 1] (0: DPM-Solver++(2M)).
+        s_noise: Scale of the added noise.
+    """
+
+    def __init__(self, steps: int = 25, spacing: TimeGrid | None = None, eta: float = 1.0,
+                 s_noise: float = 1.0) -> None:
+        super().__init__(steps, spacing)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"DPM-Solver++(2M) SDE eta must be in [0, 1], got {eta}")
+        if s_noise <= 0:
+            raise ValueError(f"S_noise must be positive, got {s_noise}")
+        self.eta = eta
+        self.s_noise = s_noise
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_dpmpp_2m_sde(denoise, process, x_T, grid=grid, eta=self.eta, s_noise=self.s_noise,
+                                   project=project, generator=generator, progress=progress)

@@ -110,17 +110,25 @@ def sample_heun(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gri
     """
     x = x_T
     for i, t, s in _steps(grid, "Heun", x_T, progress):
-        (alpha_t, sigma_t), (alpha_s, sigma_s) = noise_level(process, t), noise_level(process, s)
-        x_tilde = x / append_dims(alpha_t, x.ndim)
-        x0_hat = denoise(x, t).x0
-        slope = (x_tilde - x0_hat) / append_dims(sigma_t, x.ndim)
-        step = append_dims(sigma_s - sigma_t, x.ndim)
-        proposal = x_tilde + step * slope
-        if bool((sigma_s > 0).all()):
-            corrected = (proposal - _denoised(denoise, process, proposal, s)) / append_dims(sigma_s, x.ndim)
-            proposal = x_tilde + step * 0.5 * (slope + corrected)
-        x = _finish(append_dims(alpha_s, x.ndim) * proposal, i, s, x0_hat, project, on_step)
+        alpha_t, sigma_t = noise_level(process, t)
+        x_tilde, x0_hat = heun_step(denoise, process, x / append_dims(alpha_t, x.ndim), t, sigma_t, s)
+        x = _finish(append_dims(process.alpha(s), x.ndim) * x_tilde, i, s, x0_hat, project, on_step)
     return x
+
+
+def heun_step(denoise: DenoiseFn, process: ForwardProcess, x_tilde: Tensor, t: Tensor, sigma_t: Tensor,
+              s: Tensor) -> tuple[Tensor, Tensor]:
+    """One step of Karras et al. 2022, Alg. 1 (lines 4-8) from x~ at time t (noise level ``sigma_t``) to time s:
+    (x~_s, the data estimate at t)."""
+    sigma_s = noise_level(process, s)[1]
+    x0_hat = _denoised(denoise, process, x_tilde, t)
+    slope = (x_tilde - x0_hat) / append_dims(sigma_t, x_tilde.ndim)
+    step = append_dims(sigma_s - sigma_t, x_tilde.ndim)
+    proposal = x_tilde + step * slope
+    if bool((sigma_s > 0).all()):
+        corrected = (proposal - _denoised(denoise, process, proposal, s)) / append_dims(sigma_s, x_tilde.ndim)
+        proposal = x_tilde + step * 0.5 * (slope + corrected)
+    return proposal, x0_hat
 
 
 @torch.no_grad()
