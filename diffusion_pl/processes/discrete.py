@@ -102,11 +102,12 @@ class DiscreteProcess(ForwardProcess):
         sigma/alpha(t) = t sigma/alpha(1), i.e. lambda(t) = lambda_1 - 2 log t (+inf at t = 0). Both are
         continuous and strictly decreasing, so alpha-bar = sigmoid(lambda) falls strictly from 1 at t = 0 and
         equals the table at every integer step (Kingma et al. 2021 parameterize a process by lambda(t) the same way).
+        Computed on t's device (a sampler's time grid is built on the CPU, whatever the process's device).
         """
         t = t.float() if not t.is_floating_point() else t
         t = t.clamp(0, self.num_steps)
         low = t.floor().long().clamp(max=self.num_steps - 1)
-        alpha_bar = self.alphas_cumprod.to(t.dtype)
+        alpha_bar = self.alphas_cumprod.to(device=t.device, dtype=t.dtype)
         lam_high = _logit(alpha_bar[low + 1])
         lam_low = torch.where(low == 0, lam_high, _logit(alpha_bar[low]))
         frac = t - low
