@@ -98,7 +98,8 @@ def convergence_slope(solver: str, process: ForwardProcess) -> tuple[float, list
 
 
 @pytest.mark.parametrize("solver", list(SOLVERS))
-@pytest.mark.parametrize("process", [DiscreteProcess(1000, "cosine"), VPSDE(), VESDE()], ids=["ddpm-cosine", "vp", "ve"])
+@pytest.mark.parametrize("process", [DiscreteProcess(1000, "cosine"), VPSDE(), VESDE()],
+                         ids=["ddpm-cosine", "vp", "ve"])
 def test_error_falls_with_the_solvers_order(solver: str, process: ForwardProcess) -> None:
     """On log(sigma~) uniform from log 10 to log 0.05 the error against the exact flow falls like N^-1 (Euler) and
     N^-2 (Heun, DPM-Solver++(2M)): fitted slopes -0.97, -2.06 and -1.92 on every process (the EDM form
@@ -219,8 +220,8 @@ def test_euler_is_deterministic_ddim() -> None:
                           (VPSDE(), append_zero(sde_times(VPSDE(), 20, "log_snr")))):
         den = gaussian_denoiser(MEAN.float(), STD.float(), process)
         x_T = process.prior_sample((64, 3), generator=torch.Generator().manual_seed(1))
-        torch.testing.assert_close(sample_euler(den, process, x_T, grid=grid), sample_ddim(den, process, x_T, grid=grid),
-                                   rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(sample_euler(den, process, x_T, grid=grid),
+                                   sample_ddim(den, process, x_T, grid=grid), rtol=1e-4, atol=1e-4)
 
 
 def counting(den: DenoiseFn, calls: list[Tensor]) -> DenoiseFn:
@@ -368,7 +369,8 @@ def test_stochastic_samplers_reduce_to_the_deterministic_ones() -> None:
         den = gaussian_denoiser(MEAN.float(), STD.float(), process)
         grid = Karras().times(process, 10)
         x_T = process.prior_sample((8, 3), generator=torch.Generator().manual_seed(4))
-        assert torch.equal(sample_edm_stochastic(den, process, x_T, grid=grid), sample_heun(den, process, x_T, grid=grid))
+        assert torch.equal(sample_edm_stochastic(den, process, x_T, grid=grid),
+                           sample_heun(den, process, x_T, grid=grid))
         torch.testing.assert_close(sample_dpmpp_2m_sde(den, process, x_T, grid=grid, eta=0.0),
                                    sample_dpmpp_2m(den, process, x_T, grid=grid), rtol=1e-5, atol=1e-5)
 

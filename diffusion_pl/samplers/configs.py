@@ -363,8 +363,9 @@ class DPMSolverPP(_EDMSampler):
 
 
 class EDMStochastic(_EDMSampler):
-    """EDM's stochastic sampler, Karras et al. 2022, Alg. 2 (:func:`~diffusion_pl.samplers.edm_sde.sample_edm_stochastic`):
-    Heun steps from a noise level raised by gamma_i = min(S_churn / N, sqrt(2) - 1) within [S_tmin, S_tmax].
+    """EDM's stochastic sampler, Karras et al. 2022, Alg. 2
+    (:func:`~diffusion_pl.samplers.edm_sde.sample_edm_stochastic`): Heun steps from a noise level raised by
+    gamma_i = min(S_churn / N, sqrt(2) - 1) within [S_tmin, S_tmax].
 
     Args:
         steps: Number of steps N.

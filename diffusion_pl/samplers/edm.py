@@ -66,7 +66,8 @@ def sample_euler(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gr
                  project: ProjectFn | None = None, on_step: OnStepFn | None = None,
                  generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Euler's method on the ODE in sigma~ (Karras et al. 2022, Alg. 1 without its correction):
-    x~_s = x~_t + (sigma~_s - sigma~_t)(x~_t - D_t) / sigma~_t = (sigma~_s / sigma~_t) x~_t + (1 - sigma~_s / sigma~_t) D_t.
+    x~_s = x~_t + (sigma~_s - sigma~_t)(x~_t - D_t) / sigma~_t
+         = (sigma~_s / sigma~_t) x~_t + (1 - sigma~_s / sigma~_t) D_t.
 
     This is deterministic DDIM (Song et al. 2021a, eq. 13 is Euler in sigma~; Karras et al. 2022, Sec. 3), first
     order: its error falls like 1/N.
