@@ -21,6 +21,12 @@ class DiscreteProcess(ForwardProcess):
     Tables are indexed by the integer step; index 0 is the clean data (alpha-bar_0 = 1), so
     ``alpha_bar[t - 1]`` is always defined. Tables are computed in float64 and stored in float32.
 
+    Non-integer times: the marginal coefficients (:meth:`alpha`, :meth:`sigma`, :meth:`alpha_bar`) and
+    :meth:`net_input_time` also take a floating-point t in [0, T], the continuous process of :meth:`log_snr`
+    (linear in log-SNR between integer steps), which equals the tables at integer steps; the samplers of
+    :mod:`diffusion_pl.samplers.edm` visit such times. An integer tensor indexes the tables as before; the
+    step-wise quantities (beta, the posterior, the fixed variances) take integer steps only.
+
     Args:
         num_steps: T, the number of diffusion steps.
         schedule: Beta schedule name: linear, cosine, quadratic or constant.
@@ -70,16 +76,42 @@ class DiscreteProcess(ForwardProcess):
         return table[t.long()]
 
     def alpha(self, t: Tensor) -> Tensor:
-        """sqrt(alpha-bar_t)."""
-        return self._gather(self.alphas_cumprod, t).sqrt()
+        """sqrt(alpha-bar_t) (at a non-integer t, sqrt(sigmoid(lambda(t))) of :meth:`log_snr`)."""
+        return self.alpha_bar(t).sqrt()
 
     def sigma(self, t: Tensor) -> Tensor:
-        """sqrt(1 - alpha-bar_t)."""
-        return (1 - self._gather(self.alphas_cumprod, t)).sqrt()
+        """sqrt(1 - alpha-bar_t) (at a non-integer t, sqrt(sigmoid(-lambda(t))), accurate where alpha-bar is near 1)."""
+        if not t.is_floating_point():
+            return (1 - self._gather(self.alphas_cumprod, t)).sqrt()
+        exact = (1 - self._gather(self.alphas_cumprod, t).to(t.dtype)).sqrt()
+        return torch.where(t == t.floor(), exact, torch.sigmoid(-self.log_snr(t)).sqrt())
 
     def alpha_bar(self, t: Tensor) -> Tensor:
-        """alpha-bar_t = prod_{s <= t} (1 - beta_s); alpha-bar_0 = 1."""
-        return self._gather(self.alphas_cumprod, t)
+        """alpha-bar_t = prod_{s <= t} (1 - beta_s); alpha-bar_0 = 1 (at a non-integer t, sigmoid(lambda(t)))."""
+        if not t.is_floating_point():
+            return self._gather(self.alphas_cumprod, t)
+        exact = self._gather(self.alphas_cumprod, t).to(t.dtype)
+        return torch.where(t == t.floor(), exact, torch.sigmoid(self.log_snr(t)))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        """lambda(t) = log(alpha-bar / (1 - alpha-bar)) at a real time t in [0, T], in t's floating dtype.
+
+        The one definition of the process between its integer steps. For i <= t <= i + 1 with i >= 1, lambda is
+        linear between the steps' log-SNRs, lambda(t) = (i + 1 - t) lambda_i + (t - i) lambda_{i+1}; on (0, 1),
+        where lambda_0 = +inf, the EDM noise level sigma/alpha = exp(-lambda/2) is linear instead,
+        sigma/alpha(t) = t sigma/alpha(1), i.e. lambda(t) = lambda_1 - 2 log t (+inf at t = 0). Both are
+        continuous and strictly decreasing, so alpha-bar = sigmoid(lambda) falls strictly from 1 at t = 0 and
+        equals the table at every integer step (Kingma et al. 2021 parameterize a process by lambda(t) the same way).
+        Computed on t's device (a sampler's time grid is built on the CPU, whatever the process's device).
+        """
+        t = t.float() if not t.is_floating_point() else t
+        t = t.clamp(0, self.num_steps)
+        low = t.floor().long().clamp(max=self.num_steps - 1)
+        alpha_bar = self.alphas_cumprod.to(device=t.device, dtype=t.dtype)
+        lam_high = _logit(alpha_bar[low + 1])
+        lam_low = torch.where(low == 0, lam_high, _logit(alpha_bar[low]))
+        frac = t - low
+        return torch.where(low == 0, lam_high - 2 * t.log(), lam_low + frac * (lam_high - lam_low))
 
     def beta(self, t: Tensor) -> Tensor:
         """beta_t for integer steps t in 1..T."""
@@ -90,8 +122,13 @@ class DiscreteProcess(ForwardProcess):
         return torch.randint(1, self.num_steps + 1, (n,), device=device, generator=generator)
 
     def net_input_time(self, t: Tensor) -> Tensor:
-        """The (original, for a respaced process) integer step, as float, is what the UNet embeds."""
-        return self.timestep_map[t.long()]
+        """The (original, for a respaced process) integer step, as float, is what the UNet embeds; a non-integer t
+        maps linearly between the steps of its neighbours (t itself when the process is not respaced)."""
+        if not t.is_floating_point():
+            return self.timestep_map[t.long()]
+        low = t.clamp(0, self.num_steps).floor().long().clamp(max=self.num_steps - 1)
+        step_map = self.timestep_map.to(t.dtype)
+        return step_map[low] + (t - low) * (step_map[low + 1] - step_map[low])
 
     def probe_times(self) -> Tensor:
         """Every step 1..T."""
@@ -139,3 +176,8 @@ class DiscreteProcess(ForwardProcess):
     def posterior_variance_at(self, t: Tensor) -> Tensor:
         """beta-tilde_t (unclipped; zero at t = 1)."""
         return self._gather(self.posterior_variance, t)
+
+
+def _logit(p: Tensor) -> Tensor:
+    """log(p / (1 - p)), +inf at p = 1."""
+    return p.log() - (-p).log1p()

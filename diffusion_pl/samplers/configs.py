@@ -22,6 +22,8 @@ from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
 from diffusion_pl.processes.sde import SDEProcess
 from diffusion_pl.samplers.ddim import check_eta, sample_ddim
 from diffusion_pl.samplers.ddpm import sample_ddpm
+from diffusion_pl.samplers.edm import sample_dpmpp_2m, sample_euler, sample_heun
+from diffusion_pl.samplers.edm_sde import check_churn, sample_dpmpp_2m_sde, sample_edm_stochastic
 from diffusion_pl.samplers.grids import (
     TimeSpacing,
     append_zero,
@@ -35,6 +37,7 @@ from diffusion_pl.samplers.grids import (
 from diffusion_pl.samplers.ode import ODEMethod, check_ode_method, sample_ode
 from diffusion_pl.samplers.project import ProjectFn
 from diffusion_pl.samplers.sde import Predictor, StepSizeNorm, check_pc_options, sample_euler_maruyama, sample_pc
+from diffusion_pl.samplers.timegrids import Karras, TimeGrid, time_range
 
 HParam = int | float | str | bool
 
@@ -298,3 +301,119 @@ class ODE(_SDESampler):
              generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
         return sample_ode(denoise, process, x_T, grid=grid, method=self.method, rtol=self.rtol, atol=self.atol,
                           generator=generator, progress=progress, denoise_final=self.denoise_final, project=project)
+
+
+class _EDMSampler(Sampler):
+    """A few-step ODE solver of :mod:`~diffusion_pl.samplers.edm` on any process with a time range (a
+    DiscreteProcess, sampled at non-integer steps, or an SDEProcess), on the grid ``spacing.times(process, steps)``.
+
+    Args:
+        steps: Number of steps N (noise levels before the final step to the data).
+        spacing: The time grid, a :class:`~diffusion_pl.samplers.timegrids.TimeGrid` part (Karras, Uniform,
+            Trailing, LogSNR); None: ``Karras()`` (rho = 7 on the process's own sigma range).
+    """
+
+    def __init__(self, steps: int = 18, spacing: TimeGrid | None = None) -> None:
+        check_steps(steps)
+        if spacing is not None and not isinstance(spacing, TimeGrid):
+            raise ValueError(f"{type(self).__name__} spacing must be a TimeGrid (Karras, Uniform, Trailing or "
+                             f"LogSNR), got {type(spacing).__name__}")
+        self.steps = steps
+        self.spacing = spacing
+
+    def check(self, process: ForwardProcess) -> None:
+        """The solvers need alpha and sigma at real times of a DiscreteProcess or SDEProcess, and a grid of
+        ``steps`` strictly decreasing times on it (Trailing rounds to integer steps, so at most T of them)."""
+        if not isinstance(process, (DiscreteProcess, SDEProcess)):
+            raise ValueError(f"{type(self).__name__} builds its grid on a DiscreteProcess or an SDEProcess, got "
+                             f"{type(process).__name__}; pass an explicit grid to its sampling function instead")
+        time_range(process)
+        self._grid(process)
+
+    def _grid(self, process: ForwardProcess) -> Tensor:
+        return (self.spacing if self.spacing is not None else Karras()).times(process, self.steps)
+
+
+class Euler(_EDMSampler):
+    """Euler's method on the probability-flow ODE in EDM form (deterministic DDIM on any grid;
+    :func:`~diffusion_pl.samplers.edm.sample_euler`). First order; one evaluation per step."""
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_euler(denoise, process, x_T, grid=grid, project=project, generator=generator, progress=progress)
+
+
+class Heun(_EDMSampler):
+    """Heun's method of Karras et al. 2022, Alg. 1 (:func:`~diffusion_pl.samplers.edm.sample_heun`): second order,
+    2N - 1 evaluations (EDM: 18 steps, 35 evaluations, on CIFAR-10)."""
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_heun(denoise, process, x_T, grid=grid, project=project, generator=generator, progress=progress)
+
+
+class DPMSolverPP(_EDMSampler):
+    """DPM-Solver++(2M) of Lu et al. 2022b, Alg. 2 (:func:`~diffusion_pl.samplers.edm.sample_dpmpp_2m`): second
+    order multistep, one evaluation per step (10-20 steps)."""
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_dpmpp_2m(denoise, process, x_T, grid=grid, project=project, generator=generator,
+                               progress=progress)
+
+
+class EDMStochastic(_EDMSampler):
+    """EDM's stochastic sampler, Karras et al. 2022, Alg. 2
+    (:func:`~diffusion_pl.samplers.edm_sde.sample_edm_stochastic`): Heun steps from a noise level raised by
+    gamma_i = min(S_churn / N, sqrt(2) - 1) within [S_tmin, S_tmax].
+
+    Args:
+        steps: Number of steps N.
+        spacing: The time grid part; None: ``Karras()``.
+        s_churn: S_churn (0: Heun, Alg. 1; EDM's ImageNet-64 setting: 40 with S_tmin 0.05, S_tmax 50, S_noise 1.003).
+        s_tmin: Smallest sigma~ at which noise is added.
+        s_tmax: Largest sigma~ at which noise is added; None: no bound.
+        s_noise: Standard deviation of the added noise.
+    """
+
+    def __init__(self, steps: int = 18, spacing: TimeGrid | None = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float | None = None, s_noise: float = 1.0) -> None:
+        super().__init__(steps, spacing)
+        check_churn(s_churn, s_tmin, s_tmax, s_noise)
+        self.s_churn = s_churn
+        self.s_tmin = s_tmin
+        self.s_tmax = s_tmax
+        self.s_noise = s_noise
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_edm_stochastic(denoise, process, x_T, grid=grid, s_churn=self.s_churn, s_tmin=self.s_tmin,
+                                     s_tmax=self.s_tmax, s_noise=self.s_noise, project=project, generator=generator,
+                                     progress=progress)
+
+
+class DPMSolverPPSDE(_EDMSampler):
+    """DPM-Solver++(2M) SDE (Lu et al. 2022b, Sec. 5; :func:`~diffusion_pl.samplers.edm_sde.sample_dpmpp_2m_sde`):
+    one evaluation per step, fresh noise sigma~_s sqrt(1 - e^{-2 eta h}) at every step.
+
+    Args:
+        steps: Number of steps N.
+        spacing: The time grid part; None: ``Karras()``.
+        eta: Stochasticity in [0, 1] (0: DPM-Solver++(2M)).
+        s_noise: Scale of the added noise.
+    """
+
+    def __init__(self, steps: int = 25, spacing: TimeGrid | None = None, eta: float = 1.0,
+                 s_noise: float = 1.0) -> None:
+        super().__init__(steps, spacing)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"DPM-Solver++(2M) SDE eta must be in [0, 1], got {eta}")
+        if s_noise <= 0:
+            raise ValueError(f"S_noise must be positive, got {s_noise}")
+        self.eta = eta
+        self.s_noise = s_noise
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_dpmpp_2m_sde(denoise, process, x_T, grid=grid, eta=self.eta, s_noise=self.s_noise,
+                                   project=project, generator=generator, progress=progress)

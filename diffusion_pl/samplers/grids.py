@@ -7,6 +7,7 @@ exact Python floats a grid was built from: ``grid.tolist()`` gives them back).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -82,14 +83,20 @@ def sde_times(process: SDEProcess, steps: int, spacing: TimeSpacing = "uniform")
     bounds = torch.tensor([t_max, t_min], dtype=torch.float64)
     start, end = log_snr(process, bounds).tolist()
     targets = torch.linspace(start, end, steps + 1, dtype=torch.float64)
-    low, high = torch.full_like(targets, t_min), torch.full_like(targets, t_max)
-    for _ in range(60):  # halves [t_min, t_max] to below float64 resolution
-        middle = 0.5 * (low + high)
-        later = log_snr(process, middle) < targets  # lambda decreases: the target time lies before middle
-        high, low = torch.where(later, middle, high), torch.where(later, low, middle)
-    times = 0.5 * (low + high)
+    times = invert_log_snr(lambda t: log_snr(process, t), targets, t_min, t_max)
     times[0], times[-1] = t_max, t_min
     return times
+
+
+def invert_log_snr(lam: Callable[[Tensor], Tensor], targets: Tensor, t_min: float, t_max: float) -> Tensor:
+    """The times in [t_min, t_max] where the strictly decreasing log-SNR ``lam`` takes the float64 ``targets``,
+    by 60 bisections (which halve [t_min, t_max] to below float64 resolution)."""
+    low, high = torch.full_like(targets, t_min), torch.full_like(targets, t_max)
+    for _ in range(60):
+        middle = 0.5 * (low + high)
+        later = lam(middle) < targets  # lambda decreases: the target time lies before middle
+        high, low = torch.where(later, middle, high), torch.where(later, low, middle)
+    return 0.5 * (low + high)
 
 
 def check_steps(steps: int) -> None:

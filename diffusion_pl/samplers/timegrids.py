@@ -1,0 +1,186 @@
+"""Time grids as parts: ``Karras()``, ``Uniform()``, ``Trailing()``, ``LogSNR()`` each give the decreasing times of
+an N-step sampler on any forward process (``grid.times(process, N)``), e.g. in YAML
+``sampler: {class_path: diffusion_pl.samplers.Heun, init_args: {steps: 18, spacing: {class_path:
+diffusion_pl.samplers.Karras, init_args: {rho: 7}}}}``.
+
+A grid is N noise levels from the process's largest to its smallest, then the time 0 (the data): N + 1 float64
+times t_0 > ... > t_{N-1} > t_N = 0. Noise levels are EDM's sigma = sigma(t) / alpha(t) = exp(-lambda(t) / 2)
+(Karras et al. 2022, Sec. 4: every Gaussian process is a rescaled x = x0 + sigma n), with lambda the log-SNR.
+A sigma is mapped to its time by inverting lambda by bisection: for an SDE its closed form, for a
+:class:`DiscreteProcess` its continuous extension :meth:`DiscreteProcess.log_snr` (linear in log-SNR between
+integer steps), so that a discrete process is sampled at non-integer times.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+
+import torch
+from torch import Tensor
+
+from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.processes.discrete import DiscreteProcess
+from diffusion_pl.processes.sde import SDEProcess
+from diffusion_pl.samplers.grids import append_zero, check_steps, invert_log_snr, log_snr
+
+#: Relative slack when an explicit sigma is compared with the process's range (float rounding of its ends).
+RANGE_SLACK = 1e-6
+
+
+def time_range(process: ForwardProcess) -> tuple[float, float]:
+    """(t_min, t_max), the times a net was trained on: steps 1..T of a discrete process, [eps, 1] of an SDE."""
+    if isinstance(process, DiscreteProcess):
+        return 1.0, float(process.num_steps)
+    if isinstance(process, SDEProcess):
+        return process.t_min, process.t_max
+    raise ValueError(f"time grids are built on a DiscreteProcess or an SDEProcess, got {type(process).__name__}; "
+                     "pass an explicit grid of times instead")
+
+
+def process_log_snr(process: ForwardProcess, t: Tensor) -> Tensor:
+    """lambda(t) = log(alpha^2 / sigma^2), the discrete process's own interpolation at non-integer t."""
+    return process.log_snr(t) if isinstance(process, DiscreteProcess) else log_snr(process, t)  # type: ignore[arg-type]
+
+
+def edm_sigma(process: ForwardProcess, t: Tensor) -> Tensor:
+    """EDM's noise level sigma(t) / alpha(t) = exp(-lambda(t) / 2) (Karras et al. 2022, Table 1), in float64."""
+    return (-0.5 * process_log_snr(process, t.double())).exp()
+
+
+def sigma_range(process: ForwardProcess) -> tuple[float, float]:
+    """(sigma_min, sigma_max): the EDM noise levels at the process's smallest and largest training times."""
+    t_min, t_max = time_range(process)
+    low, high = edm_sigma(process, torch.tensor([t_min, t_max], dtype=torch.float64)).tolist()
+    return low, high
+
+
+def times_at_sigmas(process: ForwardProcess, sigmas: Tensor) -> Tensor:
+    """The float64 times where the process's EDM sigma takes the (decreasing) values ``sigmas``.
+
+    Raises ValueError for a sigma outside the process's range :func:`sigma_range`.
+    """
+    (t_min, t_max), (low, high) = time_range(process), sigma_range(process)
+    outside = (sigmas < low * (1 - RANGE_SLACK)) | (sigmas > high * (1 + RANGE_SLACK))
+    if bool(outside.any()):
+        raise ValueError(f"noise level {float(sigmas[outside][0]):.6g} lies outside the process's range "
+                         f"[{low:.6g}, {high:.6g}] of sigma / alpha; choose sigma_min and sigma_max within it")
+    return invert_log_snr(lambda t: process_log_snr(process, t), -2 * sigmas.double().log(), t_min, t_max)
+
+
+class TimeGrid(Configurable, abc.ABC):
+    """How an N-step sampler spaces its times on a process; :meth:`times` builds them."""
+
+    def __init__(self) -> None:
+        """A grid without options (subclasses with options take them here)."""
+
+    def times(self, process: ForwardProcess, steps: int) -> Tensor:
+        """N = ``steps`` decreasing times from the process's largest training time down, then 0 (float64, N + 1).
+
+        Raises ValueError on a process without a time range (neither discrete nor an SDE) or for steps < 1.
+        """
+        check_steps(steps)
+        time_range(process)
+        return append_zero(self._levels(process, steps))
+
+    @abc.abstractmethod
+    def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
+        """The N decreasing float64 times before the final 0."""
+
+    def options(self) -> dict[str, float | None]:
+        """The grid's arguments by name: its public attributes."""
+        return {name: value for name, value in vars(self).items() if not name.startswith("_")}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.options().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other) and self.options() == other.options()  # type: ignore[attr-defined]
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(self.options().items())))
+
+
+class Karras(TimeGrid):
+    """Karras et al. 2022, eq. 5: sigma_i = (sigma_max^(1/rho) + i / (N - 1) (sigma_min^(1/rho) -
+    sigma_max^(1/rho)))^rho for i < N (sigma_max alone for N = 1), at the times :func:`times_at_sigmas`.
+
+    rho = 7 crowds the steps near sigma_min, where the ODE's curvature lies; rho = 1 is uniform in sigma, and
+    rho -> inf tends to :class:`LogSNR`.
+
+    Args:
+        rho: The exponent (> 0).
+        sigma_min: The smallest noise level sigma / alpha; None: the process's own, at its smallest training time
+            (EDM uses 0.002 on its VE-like processes).
+        sigma_max: The largest; None: the process's own at its largest training time (EDM: 80).
+    """
+
+    def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None) -> None:
+        if rho <= 0:
+            raise ValueError(f"Karras rho must be positive, got {rho}")
+        if sigma_min is not None and sigma_min <= 0:
+            raise ValueError(f"Karras sigma_min must be positive, got {sigma_min}")
+        if sigma_min is not None and sigma_max is not None and sigma_max <= sigma_min:
+            raise ValueError(f"Karras needs sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
+        self.rho = rho
+        self.sigma_min = sigma_min
+        self.sigma_max = sigma_max
+
+    def sigmas(self, process: ForwardProcess, steps: int) -> Tensor:
+        """The N noise levels of eq. 5 (float64)."""
+        low, high = sigma_range(process)
+        low = low if self.sigma_min is None else self.sigma_min
+        high = high if self.sigma_max is None else self.sigma_max
+        ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+        inv_rho = 1.0 / self.rho
+        return (high**inv_rho + ramp * (low**inv_rho - high**inv_rho)) ** self.rho
+
+    def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
+        times = times_at_sigmas(process, self.sigmas(process, steps))
+        t_min, t_max = time_range(process)
+        if self.sigma_max is None:
+            times[0] = t_max
+        if self.sigma_min is None and steps > 1:
+            times[-1] = t_min
+        return times
+
+
+class Uniform(TimeGrid):
+    """N times equally spaced in t from the largest training time to the smallest: t_max, ..., t_min (Song et
+    al. 2021's grid; diffusers' "linspace" spacing on a discrete process, there at non-integer steps)."""
+
+    def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
+        t_min, t_max = time_range(process)
+        return torch.linspace(t_max, t_min, steps, dtype=torch.float64)
+
+
+class Trailing(TimeGrid):
+    """Lin et al. 2024, Table 2 ("trailing"): t_i = T (1 - i / N), i < N, starting exactly at T, so that the
+    first step sees the prior's noise level (a "leading" grid such as DDIM's 1 + i T / N never does); on a
+    discrete process rounded to integer steps (N <= T), which is DDIM's strided grid."""
+
+    def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
+        _, t_max = time_range(process)
+        times = t_max * (1 - torch.arange(steps, dtype=torch.float64) / steps)
+        if isinstance(process, DiscreteProcess):
+            if steps > process.num_steps:
+                raise ValueError(f"Trailing rounds to integer steps: at most the process's T={process.num_steps} "
+                                 f"steps, got {steps}; use Karras, Uniform or LogSNR for more")
+            times = times.round()
+        return times
+
+
+class LogSNR(TimeGrid):
+    """N times equally spaced in log-SNR lambda from the largest training time to the smallest (the "logSNR"
+    steps of DPM-Solver, Lu et al. 2022, Sec. 3.3; equal steps h in DPM-Solver++'s lambda = -log sigma)."""
+
+    def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
+        low, high = sigma_range(process)
+        sigmas = torch.logspace(math.log10(high), math.log10(low), steps, dtype=torch.float64)
+        times = times_at_sigmas(process, sigmas.clamp(low, high))
+        t_min, t_max = time_range(process)
+        times[0] = t_max
+        if steps > 1:
+            times[-1] = t_min
+        return times
