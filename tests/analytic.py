@@ -75,3 +75,22 @@ def correlated_gaussian_denoiser(mean: Tensor, cov: Tensor, process: ForwardProc
         return Prediction(x0=x0, eps=eps_from_x0(x0, x_t, t, process))
 
     return denoise
+
+
+class ConstantProcess(ForwardProcess):
+    """A forward process that is neither discrete nor an SDE (alpha = 0.5, sigma = 0.5 at every time)."""
+
+    def alpha(self, t: Tensor) -> Tensor:
+        return torch.full(t.shape, 0.5)
+
+    def sigma(self, t: Tensor) -> Tensor:
+        return torch.full(t.shape, 0.5)
+
+    def sample_t(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
+        return torch.zeros(n, device=device)
+
+    def net_input_time(self, t: Tensor) -> Tensor:
+        return t.float()
+
+    def probe_times(self) -> Tensor:
+        return torch.zeros(1)

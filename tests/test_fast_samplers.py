@@ -21,7 +21,7 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from analytic import gaussian_denoiser
+from analytic import ConstantProcess, gaussian_denoiser
 from diffusion_pl.nets.spec import build, spec_of
 from diffusion_pl.parameterization import DenoiseFn, Prediction
 from diffusion_pl.processes import VESDE, VPSDE, DiscreteProcess, ForwardProcess, SubVPSDE
@@ -270,25 +270,6 @@ def test_deterministic_samples_depend_only_on_the_seed() -> None:
         alone = sampler.sample(den, process, x_T[5:6])
         assert torch.equal(first, again)
         torch.testing.assert_close(alone, first[5:6], rtol=1e-6, atol=1e-6)
-
-
-class ConstantProcess(ForwardProcess):
-    """A forward process that is neither discrete nor an SDE."""
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return torch.full(t.shape, 0.5)
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return torch.full(t.shape, 0.5)
-
-    def sample_t(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
-        return torch.zeros(n, device=device)
-
-    def net_input_time(self, t: Tensor) -> Tensor:
-        return t.float()
-
-    def probe_times(self) -> Tensor:
-        return torch.zeros(1)
 
 
 def test_check_and_arguments() -> None:

@@ -10,7 +10,7 @@ import torch
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from analytic import gaussian_denoiser
+from analytic import ConstantProcess, gaussian_denoiser
 from diffusion_pl.models.hparams import flatten
 from diffusion_pl.nets.spec import spec_of
 from diffusion_pl.parameterization import DenoiseFn
@@ -37,25 +37,6 @@ from diffusion_pl.samplers import (
 MEAN = torch.tensor([0.5, -0.3, 0.0])
 STD = torch.tensor([0.2, 0.5, 1.0])
 SDE_SAMPLERS = (EulerMaruyama(), PredictorCorrector(), ODE())
-
-
-class ConstantProcess(ForwardProcess):
-    """A forward process that is neither discrete nor an SDE (alpha = 0.5, sigma = 0.5 at every time)."""
-
-    def alpha(self, t: Tensor) -> Tensor:
-        return torch.full(t.shape, 0.5)
-
-    def sigma(self, t: Tensor) -> Tensor:
-        return torch.full(t.shape, 0.5)
-
-    def sample_t(self, n: int, device: torch.device | str, generator: torch.Generator | None = None) -> Tensor:
-        return torch.zeros(n, device=device)
-
-    def net_input_time(self, t: Tensor) -> Tensor:
-        return t.float()
-
-    def probe_times(self) -> Tensor:
-        return torch.zeros(1)
 
 
 def test_check_accepts_the_processes_each_sampler_runs_on() -> None:

@@ -150,8 +150,17 @@ def sample_dpmpp_2m(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *,
     Returns:
         The sample at the grid's last time.
     """
+    return dpmpp_2m_loop(denoise, process, x_T, grid, "DPM-Solver++(2M)", eta=0.0, s_noise=0.0, project=project,
+                         on_step=on_step, generator=generator, progress=progress)
+
+
+def dpmpp_2m_loop(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor, name: str, *, eta: float,
+                  s_noise: float, project: ProjectFn | None, on_step: OnStepFn | None,
+                  generator: torch.Generator | None, progress: bool) -> Tensor:
+    """The steps of DPM-Solver++(2M) and its SDE form (eta = 0: :func:`sample_dpmpp_2m`; eta > 0:
+    :func:`~diffusion_pl.samplers.edm_sde.sample_dpmpp_2m_sde`, whose docstring has the update)."""
     x, previous = x_T, None  # previous: (D_prev, h_prev)
-    for i, t, s in _steps(grid, "DPM-Solver++(2M)", x_T, progress):
+    for i, t, s in _steps(grid, name, x_T, progress):
         (alpha_t, sigma_t), (alpha_s, sigma_s) = noise_level(process, t), noise_level(process, s)
         x0_hat = denoise(x, t).x0
         if not bool((sigma_s > 0).all()):
@@ -161,9 +170,12 @@ def sample_dpmpp_2m(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *,
         data = x0_hat
         if previous is not None:
             half_inv_r = append_dims(0.5 * h / previous[1], x.ndim)
-            data = (1 + half_inv_r) * x0_hat - half_inv_r * previous[0]
-        x_tilde = (append_dims(sigma_s / sigma_t, x.ndim) * x / append_dims(alpha_t, x.ndim)
-                   - append_dims(torch.expm1(-h), x.ndim) * data)
+            data = x0_hat + half_inv_r * (x0_hat - previous[0])
+        x_tilde = (append_dims(sigma_s / sigma_t * (-eta * h).exp(), x.ndim) * x / append_dims(alpha_t, x.ndim)
+                   - append_dims(torch.expm1(-(1 + eta) * h), x.ndim) * data)
+        if eta > 0:
+            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x_tilde = x_tilde + append_dims(sigma_s * (-torch.expm1(-2 * eta * h)).sqrt(), x.ndim) * s_noise * noise
         x = _finish(append_dims(alpha_s, x.ndim) * x_tilde, i, s, x0_hat, project, on_step)
         previous = (x0_hat, h)
     return x

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.samplers.edm import OnStepFn, _finish, _steps, heun_step, noise_level
+from diffusion_pl.samplers.edm import OnStepFn, _finish, _steps, dpmpp_2m_loop, heun_step, noise_level
 from diffusion_pl.samplers.project import ProjectFn
 from diffusion_pl.samplers.timegrids import sigma_range, times_at_sigmas
 from diffusion_pl.utils import append_dims
@@ -99,23 +99,5 @@ def sample_dpmpp_2m_sde(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DPM-Solver++(2M) SDE eta must be in [0, 1], got {eta}")
-    x, previous = x_T, None  # previous: (D_prev, h_prev)
-    for i, t, s in _steps(grid, "DPM-Solver++(2M) SDE", x_T, progress):
-        (alpha_t, sigma_t), (alpha_s, sigma_s) = noise_level(process, t), noise_level(process, s)
-        x0_hat = denoise(x, t).x0
-        if not bool((sigma_s > 0).all()):
-            x = _finish(append_dims(alpha_s, x.ndim) * x0_hat, i, s, x0_hat, project, on_step)
-            continue
-        h = (sigma_t / sigma_s).log()
-        data = x0_hat
-        if previous is not None:
-            half_inv_r = append_dims(0.5 * h / previous[1], x.ndim)
-            data = x0_hat + half_inv_r * (x0_hat - previous[0])
-        x_tilde = (append_dims(sigma_s / sigma_t * (-eta * h).exp(), x.ndim) * x / append_dims(alpha_t, x.ndim)
-                   - append_dims(torch.expm1(-(1 + eta) * h), x.ndim) * data)
-        if eta > 0:
-            noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            x_tilde = x_tilde + append_dims(sigma_s * (-torch.expm1(-2 * eta * h)).sqrt(), x.ndim) * s_noise * noise
-        x = _finish(append_dims(alpha_s, x.ndim) * x_tilde, i, s, x0_hat, project, on_step)
-        previous = (x0_hat, h)
-    return x
+    return dpmpp_2m_loop(denoise, process, x_T, grid, "DPM-Solver++(2M) SDE", eta=eta, s_noise=s_noise,
+                         project=project, on_step=on_step, generator=generator, progress=progress)
