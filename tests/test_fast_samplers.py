@@ -43,7 +43,7 @@ from diffusion_pl.samplers import (
     sde_times,
     strided_grid,
 )
-from diffusion_pl.samplers.timegrids import edm_sigma, sigma_range, times_at_sigmas
+from diffusion_pl.samplers.timegrids import EDM_SIGMA_MAX, edm_sigma, sigma_range, times_at_sigmas
 
 MEAN = torch.tensor([0.5, -0.3, 0.0], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
@@ -127,9 +127,10 @@ def test_error_shrinks_with_the_steps_on_each_default_grid(solver: str, process:
 
 @pytest.mark.parametrize("process", processes(), ids=PROCESS_IDS)
 def test_karras_grid_spans_the_process_sigma_range(process: ForwardProcess) -> None:
-    """Eq. 5 between the process's own sigma~ at its largest and smallest training times, decreasing in t, then 0;
-    explicit sigma_min/sigma_max are hit at the grid's ends and the levels follow eq. 5."""
+    """Eq. 5 between the process's own sigma~ at its largest (at most EDM's 80) and smallest training times,
+    decreasing in t, then 0; explicit sigma_min/sigma_max are hit at the grid's ends and the levels follow eq. 5."""
     low, high = sigma_range(process)
+    high = min(high, EDM_SIGMA_MAX)
     times = Karras().times(process, 18)
     assert times.dtype == torch.float64 and len(times) == 19 and times[-1].item() == 0.0
     assert bool((times[1:] < times[:-1]).all())
@@ -142,19 +143,23 @@ def test_karras_grid_spans_the_process_sigma_range(process: ForwardProcess) -> N
         eq5 = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
         torch.testing.assert_close(edm_sigma(process, grid.times(process, 18)[:-1]), eq5, rtol=1e-6, atol=0)
     with pytest.raises(ValueError, match="outside the process's range"):
-        Karras(sigma_max=high * 2).times(process, 5)
+        Karras(sigma_max=sigma_range(process)[1] * 2).times(process, 5)
     with pytest.raises(ValueError, match="outside the process's range"):
         Karras(sigma_min=low / 2).times(process, 5)
 
 
 @pytest.mark.parametrize("process", processes(), ids=PROCESS_IDS)
 def test_every_grid_is_decreasing_from_the_largest_time_to_zero(process: ForwardProcess) -> None:
-    """Each grid part gives N strictly decreasing times from t_max (T, or 1 for an SDE), then 0."""
+    """Each grid part gives N strictly decreasing times from t_max (T, or 1 for an SDE; Karras: sigma~ = 80 where the
+    process reaches higher), then 0."""
     t_max = process.num_steps if isinstance(process, DiscreteProcess) else process.t_max
     for spacing in GRIDS:
         for steps in (1, 2, 7, 50):
             times = spacing.times(process, steps)
-            assert len(times) == steps + 1 and times[0].item() == t_max and times[-1].item() == 0.0, spacing
+            capped = isinstance(spacing, Karras) and sigma_range(process)[1] > EDM_SIGMA_MAX  # starts at sigma~ 80
+            first = edm_sigma(process, times[:1]).item() if capped else times[0].item()
+            assert len(times) == steps + 1 and first == pytest.approx(EDM_SIGMA_MAX if capped else t_max, rel=1e-9)
+            assert times[-1].item() == 0.0, spacing
             assert bool((times[1:] < times[:-1]).all()), (spacing, times)
 
 
@@ -336,7 +341,8 @@ def test_model_samples_with_the_part_from_the_command_line(name: str, tmp_path) 
     noise = model.process.prior_sample((3, *model.latent_shape), generator=torch.Generator().manual_seed(7))
     images = model.sample(noise=noise)
     assert images.shape == (3, *model.latent_shape) and bool(images.isfinite().all())
-    assert times[0][0].item() == model.process.num_steps and any(t[0] != t[0].round() for t in times)
+    first = min(model.process.num_steps, times_at_sigmas(model.process, torch.tensor([EDM_SIGMA_MAX])).item())
+    assert times[0][0].item() == pytest.approx(first, rel=1e-6) and any(t[0] != t[0].round() for t in times)
     torch.testing.assert_close(model.sample(noise=noise[1:2]), images[1:2], rtol=1e-5, atol=1e-5)
     assert torch.equal(model.sample(noise=noise), images)
 

@@ -25,6 +25,10 @@ from diffusion_pl.processes.discrete import DiscreteProcess
 from diffusion_pl.processes.sde import SDEProcess
 from diffusion_pl.samplers.grids import append_zero, check_steps, invert_log_snr, log_snr
 
+#: The default largest noise level of :class:`Karras` grids when the process reaches higher (EDM, Karras et al. 2022,
+#: Sec. 5: sigma_max = 80). A cosine DDPM reaches sigma~ ~ 2e4 at T: starting there, 5-10 step Heun and DPM-Solver++
+#: grids spend their first steps where nothing is left to denoise, and their samples were noise (demo model).
+EDM_SIGMA_MAX = 80.0
 #: Relative slack when an explicit sigma is compared with the process's range (float rounding of its ends).
 RANGE_SLACK = 1e-6
 
@@ -113,7 +117,9 @@ class Karras(TimeGrid):
         rho: The exponent (> 0).
         sigma_min: The smallest noise level sigma / alpha; None: the process's own, at its smallest training time
             (EDM uses 0.002 on its VE-like processes).
-        sigma_max: The largest; None: the process's own at its largest training time (EDM: 80).
+        sigma_max: The largest; None: the process's own at its largest training time, at most
+            :data:`EDM_SIGMA_MAX` (80, EDM's); the prior noise then stands for that level (its data part, alpha x0,
+            is below 1.3% of the noise there).
     """
 
     def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None) -> None:
@@ -131,7 +137,7 @@ class Karras(TimeGrid):
         """The N noise levels of eq. 5 (float64)."""
         low, high = sigma_range(process)
         low = low if self.sigma_min is None else self.sigma_min
-        high = high if self.sigma_max is None else self.sigma_max
+        high = min(high, EDM_SIGMA_MAX) if self.sigma_max is None else self.sigma_max
         ramp = torch.linspace(0, 1, steps, dtype=torch.float64) if steps > 1 else torch.zeros(1, dtype=torch.float64)
         inv_rho = 1.0 / self.rho
         return (high**inv_rho + ramp * (low**inv_rho - high**inv_rho)) ** self.rho
@@ -139,7 +145,7 @@ class Karras(TimeGrid):
     def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
         times = times_at_sigmas(process, self.sigmas(process, steps))
         t_min, t_max = time_range(process)
-        if self.sigma_max is None:
+        if self.sigma_max is None and sigma_range(process)[1] <= EDM_SIGMA_MAX:
             times[0] = t_max
         if self.sigma_min is None and steps > 1:
             times[-1] = t_min
