@@ -31,9 +31,9 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from diffusion_pl.callbacks import ResumeRNGState, RunDirectory, TerminationCheckpoint, VerifiedCheckpointIO
 from diffusion_pl.callbacks.preemption import TERMINATED_STATUS
 from diffusion_pl.callbacks.progress import RunProgressBar
+from diffusion_pl.checkpoint_file import read_checkpoint
 from diffusion_pl.cli_errors import DEBUG_ENV, DEBUG_FLAG, check_config_files, config_error, message
 from diffusion_pl.data import ImageDataModule
-from diffusion_pl.checkpoint_file import read_checkpoint
 from diffusion_pl.errors import UserError, WriteError
 from diffusion_pl.nets.spec import build, is_spec
 
