@@ -12,10 +12,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from diffusion_pl.core.spec import Configurable
+from diffusion_pl.core.tensors import mean_except_batch
 from diffusion_pl.likelihood.vlb import vlb_term
-from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.parameterization import Denoiser, Prediction, target_for
-from diffusion_pl.utils import mean_except_batch
 
 Weighting = Literal["none", "min_snr"]
 

@@ -16,8 +16,10 @@ from typing import Any, Callable, Literal
 
 from torch import Tensor, nn
 
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.utils import append_dims
+from diffusion_pl.processes.ode import ODEFn
+from diffusion_pl.processes.sde import SDEProcess
 
 log = logging.getLogger(__name__)
 #: The largest 1 / alpha(t) that an unclipped eps-prediction model samples through without a warning.
@@ -166,3 +168,12 @@ def warn_unclipped_eps(process: ForwardProcess) -> None:
         log.warning("eps-prediction without x0 clipping: x0 = (x_t - sigma eps) / alpha amplifies the net's error up to "
                     "%.0fx at the largest times, so sampled latents can diverge; use prediction: v (or x0), or a "
                     "schedule whose alpha stays larger (e.g. LDM's linear 0.00085-0.012)", worst)
+
+
+def probability_flow(denoise: DenoiseFn, process: SDEProcess) -> ODEFn:
+    """dx/dt = f(x, t) - g(t)^2 score(x, t) / 2 with score = -eps_hat / sigma (Song et al. 2021, eq. 13)."""
+
+    def drift(x: Tensor, t: Tensor) -> Tensor:
+        return process.ode_drift(x, t, score_from_eps(denoise(x, t).eps, t, process))
+
+    return drift

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn, Prediction, eps_from_x0
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.utils import append_dims
 
 
 def gaussian_denoiser(mean: Tensor, std: Tensor, process: ForwardProcess) -> DenoiseFn:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
+from analytic import gaussian_denoiser
 from torch import Tensor
 
-from analytic import gaussian_denoiser
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn, Prediction
 from diffusion_pl.processes import DiscreteProcess
-from diffusion_pl.utils import append_dims
 
 
 def gaussian_reverse_denoiser(mean: Tensor, std: Tensor, process: DiscreteProcess) -> DenoiseFn:

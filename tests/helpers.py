@@ -100,8 +100,8 @@ def tiny_text_encoder(config_text: str) -> list[str]:
 def write_autoencoder_checkpoint(net: torch.nn.Module, path: Path) -> Path:
     """``net`` saved as an ``AutoencoderModule`` checkpoint stores it: its spec under ``net``, its weights under
     ``autoencoder.`` (what the ``Autoencoder`` first stage loads), with the verified-checkpoint checksum."""
-    from diffusion_pl.checkpoint_file import write_checkpoint
-    from diffusion_pl.nets.spec import spec_of
+    from diffusion_pl.core.checkpoint_file import write_checkpoint
+    from diffusion_pl.core.spec import spec_of
 
     state = {f"autoencoder.{name}": value for name, value in net.state_dict().items()}
     write_checkpoint({"state_dict": state, "hyper_parameters": {"net": spec_of(net)}}, path)

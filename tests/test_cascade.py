@@ -10,19 +10,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, TINY_DATA, tiny_args
 from torch import Tensor
 
 from diffusion_pl.cli import build_cli
-from diffusion_pl.conditioning import ClassLabel, Compose, LowResImage, MissingLowResError
+from diffusion_pl.conditioning import (
+    ClassLabel,
+    Compose,
+    LowResImage,
+    MissingLowResError,
+)
+from diffusion_pl.core.resize import downsample, upsample
 from diffusion_pl.data import ImageDataModule
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.metrics import consistency_error, psnr, ssim
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
 from diffusion_pl.processes import VESDE, VPSDE, DiscreteProcess
-from diffusion_pl.resampling import downsample, upsample
 from diffusion_pl.samplers import DDIM
-from helpers import REPO, TINY_DATA, tiny_args
 
 BASE = str(REPO / "configs" / "cascade" / "fashion_mnist_base16.yaml")
 SR = str(REPO / "configs" / "cascade" / "fashion_mnist_sr16to32.yaml")

@@ -8,20 +8,24 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
+from analytic import gaussian_mixture_denoiser
 from PIL import Image
 from torch import Tensor
 
-from analytic import gaussian_mixture_denoiser
-from diffusion_pl.errors import ConfigError
+from diffusion_pl.core.errors import ConfigError
+from diffusion_pl.core.tensors import append_dims, from_uint8
 from diffusion_pl.guidance import CLIP, Cutouts, clip_guidance, clip_log_prob
 from diffusion_pl.guidance.clip import range_penalty, total_variation
 from diffusion_pl.models.clip import label_aware_contrastive_loss
-from diffusion_pl.nets.clip import CLIPNet, CLIPWeightsNotFoundError, import_clip, load_clip
+from diffusion_pl.nets.clip import (
+    CLIPNet,
+    CLIPWeightsNotFoundError,
+    import_clip,
+    load_clip,
+)
 from diffusion_pl.processes import DiscreteProcess
-from diffusion_pl.utils import append_dims, from_uint8
 
 clip = import_clip()
 
@@ -58,8 +62,9 @@ def test_export_reloads_exactly_and_through_clip_load(tmp_path: Path) -> None:
 
 
 def test_clip_module_checkpoint_reloads_exactly(tmp_path: Path) -> None:
-    from diffusion_pl.cli import build_cli
     from helpers import tiny_args
+
+    from diffusion_pl.cli import build_cli
 
     cli = build_cli(tiny_args(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
                               "--trainer.limit_val_batches=1",

@@ -9,17 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, tiny_args
 
 from diffusion_pl.callbacks import EMA
 from diffusion_pl.cli import build_cli
 from diffusion_pl.conditioning import Text
+from diffusion_pl.core.errors import ConfigError
+from diffusion_pl.guidance import CLIP
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
-from diffusion_pl.errors import ConfigError
-from diffusion_pl.guidance import CLIP
 from diffusion_pl.nets import clip as clip_module
 from diffusion_pl.nets.clip import MAX_CUT_PROMPT_WARNINGS, CLIPNet, load_clip
-from helpers import REPO, tiny_args
 
 TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")
 DDPM = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")

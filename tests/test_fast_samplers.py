@@ -18,13 +18,19 @@ import math
 
 import pytest
 import torch
+from analytic import ConstantProcess, gaussian_denoiser
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from analytic import ConstantProcess, gaussian_denoiser
-from diffusion_pl.nets.spec import build, spec_of
+from diffusion_pl.core.spec import build, spec_of
 from diffusion_pl.parameterization import DenoiseFn, Prediction
-from diffusion_pl.processes import VESDE, VPSDE, DiscreteProcess, ForwardProcess, SubVPSDE
+from diffusion_pl.processes import (
+    VESDE,
+    VPSDE,
+    DiscreteProcess,
+    ForwardProcess,
+    SubVPSDE,
+)
 from diffusion_pl.samplers import (
     DPMSolverPP,
     Euler,
@@ -43,7 +49,12 @@ from diffusion_pl.samplers import (
     sde_times,
     strided_grid,
 )
-from diffusion_pl.samplers.timegrids import EDM_SIGMA_MAX, edm_sigma, sigma_range, times_at_sigmas
+from diffusion_pl.samplers.timegrids import (
+    EDM_SIGMA_MAX,
+    edm_sigma,
+    sigma_range,
+    times_at_sigmas,
+)
 
 MEAN = torch.tensor([0.5, -0.3, 0.0], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)
@@ -326,8 +337,9 @@ def test_parts_build_from_specs_and_yaml() -> None:
 def test_model_samples_with_the_part_from_the_command_line(name: str, tmp_path) -> None:  # noqa: ANN001
     """``--model.init_args.sampler=DPMSolverPP --model.init_args.sampler.steps=3`` (and a grid override) on the tiny
     DDPM model: the UNet sees non-integer steps; an image depends only on its seed, not on its batch."""
-    from diffusion_pl.cli import build_cli
     from helpers import tiny_args
+
+    from diffusion_pl.cli import build_cli
 
     cli = build_cli(tiny_args(tmp_path, f"--model.init_args.sampler={name}", "--model.init_args.sampler.steps=3",
                               "--model.init_args.sampler.spacing=Karras", "--model.init_args.sampler.spacing.rho=5"),
@@ -410,8 +422,9 @@ def test_pipelines_inpaint_and_start_below_T_with_a_fast_sampler(sampler: Sample
     """Inpainting by replacement reaches the solvers as ``project`` (at non-integer steps of a discrete process) and
     keeps the known coordinate; interpolation from t = 0.02 T cuts the Karras grid (SDEdit) and gives the images
     back up to noise of sigma(0.02 T)."""
-    from diffusion_pl.pipelines import inpaint, interpolate
     from test_pipelines import COV, X1, ExactModel, correlated_denoiser
+
+    from diffusion_pl.pipelines import inpaint, interpolate
 
     process = DiscreteProcess(100, "linear")
     model = ExactModel(process, sampler, lambda p: correlated_denoiser(torch.zeros(2, dtype=torch.float64), COV, p))

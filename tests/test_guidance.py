@@ -6,15 +6,27 @@ import math
 
 import pytest
 import torch
+from analytic import gaussian_denoiser
 from torch import Tensor, nn
 
-from analytic import gaussian_denoiser
-from diffusion_pl.guidance import batched_classifier_free, classifier_free, classifier_guidance, log_prob_gradient
-from diffusion_pl.parameterization import Denoiser, DenoiseFn, Prediction, eps_from_x0
+from diffusion_pl.core.tensors import append_dims
+from diffusion_pl.guidance import (
+    batched_classifier_free,
+    classifier_free,
+    classifier_guidance,
+    log_prob_gradient,
+)
+from diffusion_pl.parameterization import DenoiseFn, Denoiser, Prediction, eps_from_x0
 from diffusion_pl.processes import VPSDE, DiscreteProcess, ForwardProcess
-from diffusion_pl.samplers import (sample_ddim, sample_ddpm, sample_euler_maruyama, sample_ode, sample_pc, sde_times,
-                                   strided_grid)
-from diffusion_pl.utils import append_dims
+from diffusion_pl.samplers import (
+    sample_ddim,
+    sample_ddpm,
+    sample_euler_maruyama,
+    sample_ode,
+    sample_pc,
+    sde_times,
+    strided_grid,
+)
 
 WEIGHTS = torch.tensor([0.3, 0.7])
 MEANS = torch.tensor([[-1.0, 0.5], [1.0, -0.5]])

@@ -13,27 +13,38 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from ddp_probe import subprocess_env, write_callbacks_config
+from helpers import (
+    REPO,
+    TINY_AUTOENCODER,
+    LossRecorder,
+    set_callback,
+    tiny_args,
+    tiny_cli,
+    write_autoencoder_checkpoint,
+)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
 from diffusion_pl.callbacks import EMA, SampleGrid, SampleWriter
-from diffusion_pl.checkpoint_file import read_checkpoint
-from diffusion_pl.conditioning import ClassContext
-from diffusion_pl.data import ImageDataModule, calibration_batches
 from diffusion_pl.cli import build_cli
-from diffusion_pl.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError
+from diffusion_pl.conditioning import ClassContext
+from diffusion_pl.core.checkpoint_file import read_checkpoint
+from diffusion_pl.core.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ConfigError,
+)
+from diffusion_pl.core.spec import Configurable
+from diffusion_pl.data import ImageDataModule, calibration_batches
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
 from diffusion_pl.nets.autoencoder import DiagonalGaussian
 from diffusion_pl.nets.first_stage import Autoencoder
-from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.nets.unet import CrossAttention
 from diffusion_pl.processes import DiscreteProcess
 from diffusion_pl.samplers import DDIM
-from ddp_probe import subprocess_env, write_callbacks_config
-from helpers import (REPO, TINY_AUTOENCODER, LossRecorder, set_callback, tiny_args, tiny_cli,
-                     write_autoencoder_checkpoint)
 
 LDM = str(REPO / "configs" / "ldm" / "fashion_mnist.yaml")
 LDM_CLASS = str(REPO / "configs" / "ldm" / "fashion_mnist_class_xattn.yaml")

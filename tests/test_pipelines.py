@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from analytic import gaussian_denoiser
 from PIL import Image
 from torch import Tensor
 
-from analytic import gaussian_denoiser
-from diffusion_pl.errors import ConfigError, DataError
+from diffusion_pl.core.errors import ConfigError, DataError
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
 from diffusion_pl.parameterization import DenoiseFn, Prediction, eps_from_x0
 from diffusion_pl.pipelines import (
@@ -28,9 +28,8 @@ from diffusion_pl.pipelines import (
     slerp,
     start_grid,
 )
-from diffusion_pl.processes import DiscreteProcess, ForwardProcess, VPSDE
+from diffusion_pl.processes import VPSDE, DiscreteProcess, ForwardProcess
 from diffusion_pl.samplers import DDIM, DDPM, Sampler
-from diffusion_pl.utils import append_dims
 
 
 @dataclass

@@ -15,12 +15,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-
 from ddp_probe import last_step, read_steps, subprocess_env
-from diffusion_pl.callbacks.preemption import TERMINATED_STATUS, resume_command
-from diffusion_pl.checkpoint_file import read_checkpoint
-from diffusion_pl.cli import build_cli, main
 from helpers import REPO, tiny_args
+
+from diffusion_pl.callbacks.preemption import TERMINATED_STATUS, resume_command
+from diffusion_pl.cli import build_cli, main
+from diffusion_pl.core.checkpoint_file import read_checkpoint
 
 STEPS, SIGNAL_AFTER_STEP = 12, 2
 RESUME = re.compile(r"resume with: (.+)$", re.MULTILINE)

@@ -27,15 +27,25 @@ import lightning
 import numpy as np
 import pytest
 import torch
+from helpers import DDPM_FASHION, REPO, run_cli_processes, tiny_args
 from PIL import Image
 
 from diffusion_pl.callbacks import VerifiedCheckpointIO
-from diffusion_pl.callbacks.run_directory import LOCK_NAME, acquire_lock, claim_version, release_lock
-from diffusion_pl.checkpoint_file import TEMP_PREFIX, read_checkpoint, write_atomically, write_checkpoint
+from diffusion_pl.callbacks.run_directory import (
+    LOCK_NAME,
+    acquire_lock,
+    claim_version,
+    release_lock,
+)
 from diffusion_pl.cli import build_cli
-from diffusion_pl.cli_errors import message
-from diffusion_pl.data import sources
-from diffusion_pl.errors import (
+from diffusion_pl.cli.errors import message
+from diffusion_pl.core.checkpoint_file import (
+    TEMP_PREFIX,
+    read_checkpoint,
+    write_atomically,
+    write_checkpoint,
+)
+from diffusion_pl.core.errors import (
     CheckpointCorruptError,
     CheckpointError,
     CheckpointMismatchError,
@@ -45,13 +55,13 @@ from diffusion_pl.errors import (
     RunDirectoryInUseError,
     WriteError,
 )
+from diffusion_pl.core.owner import Owner
+from diffusion_pl.core.spec import spec_of
+from diffusion_pl.data import sources
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
 from diffusion_pl.nets.first_stage import Autoencoder
-from diffusion_pl.nets.spec import spec_of
 from diffusion_pl.nets.loading import load_checkpoint
-from diffusion_pl.owner import Owner
-from helpers import DDPM_FASHION, REPO, run_cli_processes, tiny_args
 
 VP = str(REPO / "configs" / "sde" / "vp_fashion_mnist.yaml")
 # Checkpoints after every step (three of them and last.ckpt), no grids or validation: fast.
@@ -596,7 +606,7 @@ def test_messages_drop_wrappers_dumps_and_worker_tracebacks() -> None:
     text = message(wrapped)
     assert "base_chanels" in text and "Namespace" not in text and "Subtypes" not in text
     from_worker = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call "
-                            "last):\n  File \"x.py\", line 1, in f\ndiffusion_pl.errors.DataError: cannot decode x.png")
+                            "last):\n  File \"x.py\", line 1, in f\ndiffusion_pl.core.errors.DataError: cannot decode x.png")
     assert message(from_worker).startswith("error: cannot decode x.png\n")
 
 

@@ -7,14 +7,20 @@ import math
 
 import pytest
 import torch
+from analytic import ConstantProcess, gaussian_denoiser
 from jsonargparse import ArgumentParser
 from torch import Tensor
 
-from analytic import ConstantProcess, gaussian_denoiser
+from diffusion_pl.core.spec import spec_of
 from diffusion_pl.models.hparams import flatten
-from diffusion_pl.nets.spec import spec_of
 from diffusion_pl.parameterization import DenoiseFn
-from diffusion_pl.processes import VESDE, VPSDE, DiscreteProcess, ForwardProcess, SubVPSDE
+from diffusion_pl.processes import (
+    VESDE,
+    VPSDE,
+    DiscreteProcess,
+    ForwardProcess,
+    SubVPSDE,
+)
 from diffusion_pl.samplers import (
     DDIM,
     DDPM,

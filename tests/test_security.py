@@ -18,10 +18,12 @@ from typing import Any
 import lightning
 import pytest
 import torch
+from helpers import tiny_args
 
-from diffusion_pl.checkpoint_file import write_checkpoint
 from diffusion_pl.conditioning import Text
-from diffusion_pl.errors import CheckpointError, UntrustedPartError
+from diffusion_pl.core.checkpoint_file import write_checkpoint
+from diffusion_pl.core.errors import CheckpointError, UntrustedPartError
+from diffusion_pl.core.spec import ALLOW_ENV, allow_parts, build, spec_of
 from diffusion_pl.guidance import CLIP, Classifier
 from diffusion_pl.metrics import ClassifierFeatures
 from diffusion_pl.models import AutoencoderModule, CLIPModule, DiffusionModule
@@ -31,10 +33,8 @@ from diffusion_pl.nets.autoencoder import KLAutoencoder
 from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
 from diffusion_pl.nets.clip import CLIPNet, load_clip
 from diffusion_pl.nets.first_stage import Autoencoder
-from diffusion_pl.nets.spec import ALLOW_ENV, allow_parts, build, spec_of
 from diffusion_pl.processes import DiscreteProcess
 from diffusion_pl.samplers import DDIM
-from helpers import tiny_args
 
 SENTINEL_MODULE = "diffusion_pl_test_sentinel_module"
 
@@ -48,8 +48,8 @@ def payloads(sentinel: Path) -> dict[str, dict[str, Any]]:
         "builtins.eval": {"class_path": "builtins.eval", "init_args": {"source": f"open({str(sentinel)!r}, 'w')"}},
         "builtins.exec": {"class_path": "builtins.exec", "init_args": {"source": f"open({str(sentinel)!r}, 'w')"}},
         "import side effect": {"class_path": f"{SENTINEL_MODULE}.Anything", "init_args": {}},
-        "module of ours, not a class": {"class_path": "diffusion_pl.nets.spec.os", "init_args": {}},
-        "non-part class of ours": {"class_path": "diffusion_pl.errors.UserError", "init_args": {}},
+        "module of ours, not a class": {"class_path": "diffusion_pl.core.spec.os", "init_args": {}},
+        "non-part class of ours": {"class_path": "diffusion_pl.core.errors.UserError", "init_args": {}},
     }
 
 
@@ -202,7 +202,7 @@ def test_registered_parts_optimizers_and_allowed_classes_still_build(sentinel: P
 
 def test_a_users_configurable_part_registers_itself(tmp_path: Path) -> None:
     """A Configurable subclass of the user's own module builds from its spec once the module is imported."""
-    from diffusion_pl.nets.spec import Configurable
+    from diffusion_pl.core.spec import Configurable
 
     class MyPart(Configurable):
         def __init__(self, width: int = 3) -> None:

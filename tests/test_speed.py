@@ -9,12 +9,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import REPO, LossRecorder, tiny_cli
 from torch._dynamo.utils import counters
 
 from diffusion_pl.callbacks.speed import TrainingSpeed
 from diffusion_pl.cli import build_cli
-from diffusion_pl.errors import ConfigError
-from helpers import REPO, LossRecorder, tiny_cli
+from diffusion_pl.core.errors import ConfigError
 
 GPU_CONFIGS = ["configs/ddpm/cifar10.yaml", "configs/ddpm/cifar10_improved.yaml", "configs/sde/subvp_cifar10.yaml",
                "configs/sde/ve_cifar10.yaml"]

@@ -24,15 +24,25 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from ddp_probe import (
+    DDPM_FASHION,
+    TINY_OVERRIDES,
+    read_steps,
+    subprocess_env,
+    write_callbacks_config,
+)
+from helpers import tiny_args
 from PIL import Image
 
-from ddp_probe import DDPM_FASHION, TINY_OVERRIDES, read_steps, subprocess_env, write_callbacks_config
 from diffusion_pl.cli import build_cli
-from diffusion_pl.data import ImageDataModule
-from diffusion_pl.data import streaming
-from diffusion_pl.data.streaming import CHECKSUM_FILE, NotOptimizedError, StreamingImageDataset, convert_source
-from diffusion_pl.errors import DataError, UserError
-from helpers import tiny_args
+from diffusion_pl.core.errors import DataError, UserError
+from diffusion_pl.data import ImageDataModule, streaming
+from diffusion_pl.data.streaming import (
+    CHECKSUM_FILE,
+    NotOptimizedError,
+    StreamingImageDataset,
+    convert_source,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 PER_CLASS = 25  # 2 classes: 50 images, 2 held out for validation, 48 to train on

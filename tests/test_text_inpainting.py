@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, tiny_args
 
 from diffusion_pl.callbacks import EMA
 from diffusion_pl.cli import build_cli
+from diffusion_pl.core.errors import ConfigError
 from diffusion_pl.data.datamodule import PredictImageDataset
 from diffusion_pl.data.sources import ImageData
-from diffusion_pl.errors import ConfigError
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets.clip import CLIPNet
 from diffusion_pl.pipelines import Inpaint
-from helpers import REPO, tiny_args
 
 DDPM = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
 TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")

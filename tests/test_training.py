@@ -9,12 +9,12 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import LossRecorder, set_callback, tiny_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from diffusion_pl.callbacks import EMA, SampleGrid, SampleWriter
-from helpers import LossRecorder, set_callback, tiny_cli
 
 pytestmark = pytest.mark.slow
 
@@ -176,7 +176,7 @@ def test_sampler_process_mismatch_is_explained(tmp_path: Path) -> None:
 def test_evaluation_seeds_are_distinct_for_every_rank_and_batch() -> None:
     """10^5 batches on each of 64 ranks get 6.4 million distinct seeds (``batch + 1000 * rank`` repeated one after
     1,000 batches), the same ones at every evaluation; out-of-range inputs are refused."""
-    from diffusion_pl.utils import evaluation_seed
+    from diffusion_pl.core.seeds import evaluation_seed
 
     seeds = {evaluation_seed(batch, rank) for rank in range(64) for batch in range(100_000)}
     assert len(seeds) == 64 * 100_000 and max(seeds) < 2**64

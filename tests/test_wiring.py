@@ -8,21 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import set_callback, tiny_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from diffusion_pl.callbacks import SampleGrid
 from diffusion_pl.conditioning import ClassLabel
+from diffusion_pl.core.spec import build, spec_of
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.losses import HybridLoss
 from diffusion_pl.models import DiffusionModule, WarmupLR
 from diffusion_pl.models.lr_schedule import warmup_multiplier
 from diffusion_pl.nets import UNet
 from diffusion_pl.nets.first_stage import IdentityStage, SpaceToDepth
-from diffusion_pl.nets.spec import build, spec_of
 from diffusion_pl.processes import VPSDE, DiscreteProcess
 from diffusion_pl.samplers import DDIM, ODE
-from helpers import set_callback, tiny_cli
 
 CFG = str(Path(__file__).resolve().parent.parent / "configs" / "guidance" / "cfg_fashion_mnist.yaml")
 

@@ -34,13 +34,19 @@ from sample_accuracy import frechet_distance  # noqa: E402
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
 from diffusion_pl.conditioning import set_sampling_level  # noqa: E402
+from diffusion_pl.core.resize import downsample, upsample  # noqa: E402
+from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
 from diffusion_pl.data.sources import load_split  # noqa: E402
-from diffusion_pl.metrics import ClassifierFeatures, consistency_error, psnr, reference_statistics, ssim  # noqa: E402
+from diffusion_pl.metrics import (  # noqa: E402
+    ClassifierFeatures,
+    consistency_error,
+    psnr,
+    reference_statistics,
+    ssim,
+)
 from diffusion_pl.models import DiffusionModule  # noqa: E402
 from diffusion_pl.pipelines import seeded_noise  # noqa: E402
-from diffusion_pl.resampling import downsample, upsample  # noqa: E402
 from diffusion_pl.samplers import DDIM, DDPM, Sampler  # noqa: E402
-from diffusion_pl.utils import from_uint8, to_uint8  # noqa: E402
 
 
 class Report:

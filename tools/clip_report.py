@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid
+from diffusion_pl.core.tensors import from_uint8
 from diffusion_pl.data.sources import load_split
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet, read_clip
 from diffusion_pl.processes import DiscreteProcess
-from diffusion_pl.utils import from_uint8
 
 TEMPLATE = "a photo of a {}"
 

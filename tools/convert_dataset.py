@@ -19,9 +19,9 @@ import argparse
 import logging
 import sys
 
+from diffusion_pl.core.errors import UserError
 from diffusion_pl.data.sources import SOURCE_NAMES
 from diffusion_pl.data.streaming import STORAGE_FORMATS, convert_source
-from diffusion_pl.errors import UserError
 
 
 def main() -> None:

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sample_accuracy import frechet_distance  # noqa: E402
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
+from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
 from diffusion_pl.data.sources import load_split  # noqa: E402
 from diffusion_pl.metrics import ClassifierFeatures, reference_statistics  # noqa: E402
 from diffusion_pl.models import DiffusionModule  # noqa: E402
 from diffusion_pl.pipelines import run_sampler, start_grid  # noqa: E402
 from diffusion_pl.pipelines.model import sampling_process, start_time  # noqa: E402
-from diffusion_pl.utils import from_uint8, to_uint8  # noqa: E402
 
 
 def gradient_energy(images: Tensor) -> float:

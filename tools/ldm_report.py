@@ -31,6 +31,7 @@ from sample_accuracy import frechet_distance  # noqa: E402
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
 from diffusion_pl.conditioning import ClassLabel, Text  # noqa: E402
+from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
 from diffusion_pl.data.sources import load_split  # noqa: E402
 from diffusion_pl.metrics import ClassifierFeatures, psnr, reference_statistics  # noqa: E402
 from diffusion_pl.models import DiffusionModule  # noqa: E402
@@ -38,7 +39,6 @@ from diffusion_pl.nets.autoencoder import KLAutoencoder  # noqa: E402
 from diffusion_pl.nets.first_stage import Autoencoder  # noqa: E402
 from diffusion_pl.nets.loading import load_checkpoint, rebuild  # noqa: E402
 from diffusion_pl.samplers import DDIM  # noqa: E402
-from diffusion_pl.utils import from_uint8, to_uint8  # noqa: E402
 
 PROMPT = "a photo of a {}"
 

@@ -27,9 +27,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.tensors import from_uint8
 from diffusion_pl.data.sources import ImageData, load_split
-from diffusion_pl.metrics import ClassifierFeatures, GenerativeMetrics, ReferenceStatistics, reference_statistics
-from diffusion_pl.utils import from_uint8
+from diffusion_pl.metrics import (
+    ClassifierFeatures,
+    GenerativeMetrics,
+    ReferenceStatistics,
+    reference_statistics,
+)
 
 
 def to_model_range(images: np.ndarray | Tensor) -> Tensor:

@@ -21,9 +21,9 @@ import torch
 
 from diffusion_pl import samplers
 from diffusion_pl.callbacks.images import save_npz, save_png, uint8_grid
+from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.pipelines.model import seeded_noise
-from diffusion_pl.utils import to_uint8
 
 #: Samplers whose step costs two evaluations but the last (Heun's second-order correction).
 TWO_EVALUATIONS_PER_STEP = {"Heun", "EDMStochastic"}

@@ -1,4 +1,4 @@
-"""Lightning's checkpoint I/O through :mod:`diffusion_pl.checkpoint_file`: atomic, checksummed, verified on load.
+"""Lightning's checkpoint I/O through :mod:`diffusion_pl.core.checkpoint_file`: atomic, checksummed, verified on load.
 
 The CLI installs :class:`VerifiedCheckpointIO` in every Trainer (unless the config gives another ``CheckpointIO``
 plugin), so every save (ModelCheckpoint, ``last.ckpt``, SLURM preemption checkpoints, ``trainer.save_checkpoint``)
@@ -15,7 +15,11 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.fabric.utilities.types import _PATH
 
-from diffusion_pl.checkpoint_file import read_checkpoint, remove_stale_temp_files, write_checkpoint
+from diffusion_pl.core.checkpoint_file import (
+    read_checkpoint,
+    remove_stale_temp_files,
+    write_checkpoint,
+)
 
 
 def is_local_path(path: _PATH) -> bool:

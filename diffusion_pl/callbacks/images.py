@@ -11,7 +11,7 @@ from PIL import Image
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from diffusion_pl.checkpoint_file import write_atomically
+from diffusion_pl.core.checkpoint_file import write_atomically
 
 
 def uint8_grid(images: Tensor, nrow: int | None = None) -> Tensor:
@@ -21,7 +21,7 @@ def uint8_grid(images: Tensor, nrow: int | None = None) -> Tensor:
 
 
 def save_png(image: Tensor, path: str | Path) -> Path:
-    """Write a uint8 (C, H, W) image as PNG atomically (:func:`~diffusion_pl.checkpoint_file.write_atomically`)."""
+    """Write a uint8 (C, H, W) image as PNG atomically (:func:`~diffusion_pl.core.checkpoint_file.write_atomically`)."""
     array = image.permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
     Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")

@@ -21,8 +21,8 @@ import secrets
 import shutil
 import sys
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -30,8 +30,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffusion_pl.callbacks.checkpoint_io import is_local_path
 from diffusion_pl.callbacks.preemption import slurm_job_id
-from diffusion_pl.errors import RunDirectoryInUseError, UserError
-from diffusion_pl.owner import Owner
+from diffusion_pl.core.errors import RunDirectoryInUseError, UserError
+from diffusion_pl.core.owner import Owner
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from torch import Tensor
 from diffusion_pl.callbacks.examples import example_batch
 from diffusion_pl.callbacks.images import uint8_grid
 from diffusion_pl.callbacks.periodic_grid import PeriodicGrid
-from diffusion_pl.utils import to_uint8
+from diffusion_pl.core.tensors import to_uint8
 
 
 class SampleGrid(PeriodicGrid):

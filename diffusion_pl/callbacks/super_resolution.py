@@ -7,8 +7,8 @@ import torch
 
 from diffusion_pl.callbacks.ema import averaged_module
 from diffusion_pl.callbacks.examples import real_examples
+from diffusion_pl.core.resize import DownsampleMode
 from diffusion_pl.metrics.super_resolution import consistency_error, psnr
-from diffusion_pl.resampling import DownsampleMode
 
 
 class SuperResolutionMetrics(pl.Callback):

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.core.spec import Configurable
 
 NetKwargs = dict[str, Tensor]
 

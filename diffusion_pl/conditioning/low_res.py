@@ -9,11 +9,18 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_pl.conditioning.base import Conditioner, NetKwargs, drop_mask
-from diffusion_pl.errors import UserError
+from diffusion_pl.core.errors import UserError
+from diffusion_pl.core.resize import (
+    DOWNSAMPLE_MODES,
+    UPSAMPLE_MODES,
+    DownsampleMode,
+    UpsampleMode,
+    downsample,
+    upsample,
+)
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.sde import VPSDE
-from diffusion_pl.resampling import DOWNSAMPLE_MODES, UPSAMPLE_MODES, DownsampleMode, UpsampleMode, downsample, upsample
-from diffusion_pl.utils import append_dims
 
 #: Mixed into an item's seed for the noise of its low-res augmentation, apart from its prior noise.
 _AUGMENTATION_SEED = 0x5DEECE66D

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_pl.conditioning.base import Conditioner, NetKwargs, drop_mask
-from diffusion_pl.errors import ConfigError
+from diffusion_pl.core.errors import ConfigError
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, read_clip
 
 log = logging.getLogger(__name__)

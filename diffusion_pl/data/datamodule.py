@@ -12,8 +12,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from diffusion_pl.core.errors import ConfigError
+from diffusion_pl.core.resize import DownsampleMode
+from diffusion_pl.core.tensors import append_dims, from_uint8
 from diffusion_pl.data.predict_inputs import load_predict_images
-from diffusion_pl.errors import ConfigError
 from diffusion_pl.data.sampler import ResumableDataLoader, ResumableSampler
 from diffusion_pl.data.sources import (
     ROOTED_SOURCES,
@@ -26,8 +28,6 @@ from diffusion_pl.data.sources import (
     prepare_source,
     source_class_names,
 )
-from diffusion_pl.resampling import DownsampleMode
-from diffusion_pl.utils import append_dims, from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,10 @@ class ImageDataModule(L.LightningDataModule):
 
     def _stream(self, split: str, shuffle: bool = False) -> Dataset:
         """A split of a converted dataset, streamed (an empty split when the dataset has none)."""
-        from diffusion_pl.data.streaming import StreamingImageDataset, read_metadata  # imports litdata when used
+        from diffusion_pl.data.streaming import (  # imports litdata when used
+            StreamingImageDataset,
+            read_metadata,
+        )
 
         hp = self.hparams
         metadata = read_metadata(hp.root)

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from diffusion_pl.core.errors import UserError
 from diffusion_pl.data.sources import IMAGE_EXTENSIONS, ImageData, to_channels
-from diffusion_pl.errors import UserError
 
 #: Keys of an .npz that hold its images (uint8 N x H x W x C), in the order they are looked for.
 NPZ_IMAGE_KEYS = ("images", "samples")

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
-from diffusion_pl.errors import DataError, UserError
-from diffusion_pl.resampling import DownsampleMode, downsample_uint8
+from diffusion_pl.core.errors import DataError, UserError
+from diffusion_pl.core.resize import DownsampleMode, downsample_uint8
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class ImageData:
         return ImageData(self.images[index], self.labels[index], self.class_names, captions)
 
     def downsampled(self, factor: int, mode: DownsampleMode) -> ImageData:
-        """Every image reduced by ``factor`` (:func:`~diffusion_pl.resampling.downsample_uint8`)."""
+        """Every image reduced by ``factor`` (:func:`~diffusion_pl.core.resize.downsample_uint8`)."""
         return replace(self, images=downsample_uint8(self.images, factor, mode))
 
 
@@ -588,7 +588,9 @@ def source_class_names(source: str, root: str | None = None) -> tuple[str, ...]:
     if source == "image_folder":
         return image_folder_class_names(root)
     if source == "streaming":
-        from diffusion_pl.data.streaming import read_metadata  # imports litdata, only when used
+        from diffusion_pl.data.streaming import (
+            read_metadata,  # imports litdata, only when used
+        )
 
         return read_metadata(_required_root(source, root)).class_names
     return _ARRAY_SOURCES[source][1]
@@ -630,7 +632,9 @@ def load_split(
     if source == "image_folder":
         return load_image_folder(split, root, image_size, channels, resize_mode, lazy)
     if source == "streaming":
-        from diffusion_pl.data.streaming import load_streaming_split  # imports litdata, only when used
+        from diffusion_pl.data.streaming import (
+            load_streaming_split,  # imports litdata, only when used
+        )
 
         return load_streaming_split(_required_root(source, root), split, image_size, channels, resize_mode)
     loader, names = _ARRAY_SOURCES[source]

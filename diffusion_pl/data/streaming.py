@@ -8,7 +8,7 @@ epoch in the checkpoint (``StreamingDataLoader.state_dict``), so training resume
 
 Beside each split's ``index.json`` (LitData's list of chunk files), ``chunk_sha256.json`` records the SHA-256 of every
 chunk file. Each process checks a chunk file the first time it reads from it (a local file before it is read, a
-remote one once downloaded): a missing, truncated or changed chunk is a :class:`~diffusion_pl.errors.DataError` naming
+remote one once downloaded): a missing, truncated or changed chunk is a :class:`~diffusion_pl.core.errors.DataError` naming
 the file and the item, never a changed image trained on. A dataset converted before checksums keeps working
 unchecked (a warning says so).
 
@@ -37,7 +37,11 @@ from litdata.streaming.sampler import ChunkedIndex
 from PIL import Image
 from torch import Tensor
 
-from diffusion_pl.checkpoint_file import write_atomically
+from diffusion_pl.core.checkpoint_file import write_atomically
+from diffusion_pl.core.errors import DataError, UserError
+from diffusion_pl.core.files import file_sha256
+from diffusion_pl.core.resize import DownsampleMode, downsample_uint8
+from diffusion_pl.core.tensors import from_uint8
 from diffusion_pl.data.sources import (
     ImageData,
     LazyImageFolder,
@@ -48,9 +52,6 @@ from diffusion_pl.data.sources import (
     load_split,
     to_channels,
 )
-from diffusion_pl.errors import DataError, UserError
-from diffusion_pl.resampling import DownsampleMode, downsample_uint8
-from diffusion_pl.utils import file_sha256, from_uint8
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +317,7 @@ class StreamingImageDataset(StreamingDataset):
         seed: Seed of the shuffle.
 
     Each chunk file is checked the first time this process reads from it (module docstring): a missing, truncated or
-    changed one is a :class:`~diffusion_pl.errors.DataError` naming it and the item read.
+    changed one is a :class:`~diffusion_pl.core.errors.DataError` naming it and the item read.
     """
 
     def __init__(self, root: str, split: str, *, image_size: int, channels: int, resize_mode: ResizeMode = "pad",

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn, Prediction, x0_from_eps
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.utils import append_dims
 
 LogProbFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -26,12 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from diffusion_pl.errors import CheckpointMismatchError, ConfigError
+from diffusion_pl.core.errors import CheckpointMismatchError, ConfigError
+from diffusion_pl.core.tensors import append_dims, mean_except_batch
 from diffusion_pl.guidance.parts import PROCESS_MARGINALS_KEY, Guidance
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet, read_clip
-from diffusion_pl.parameterization import ConditionalDenoiseFn, DenoiseFn, Prediction, x0_from_eps
+from diffusion_pl.parameterization import (
+    ConditionalDenoiseFn,
+    DenoiseFn,
+    Prediction,
+    x0_from_eps,
+)
 from diffusion_pl.processes.base import ForwardProcess, marginals_mismatch
-from diffusion_pl.utils import append_dims, mean_except_batch
 
 log = logging.getLogger(__name__)
 

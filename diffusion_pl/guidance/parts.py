@@ -9,12 +9,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_pl.errors import CheckpointMismatchError
+from diffusion_pl.core.errors import CheckpointMismatchError
+from diffusion_pl.core.spec import Configurable
 from diffusion_pl.guidance.classifier import LogProbFn, classifier_guidance
 from diffusion_pl.guidance.classifier_free import batched_classifier_free
 from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
-from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.parameterization import ConditionalDenoiseFn, DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess, marginals_mismatch
 

@@ -7,9 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.spec import Configurable
 from diffusion_pl.likelihood.ode import bits_per_dim, dequantize, ode_log_likelihood
 from diffusion_pl.likelihood.vlb import nats_to_bits_per_dim, variational_bound
-from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.parameterization import Denoiser
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance

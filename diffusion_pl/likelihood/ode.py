@@ -22,10 +22,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffusion_pl.parameterization import DenoiseFn
+from diffusion_pl.core.tensors import sum_except_batch
+from diffusion_pl.parameterization import DenoiseFn, probability_flow
+from diffusion_pl.processes.ode import ODEFn, ODEMethod, integrate_ode
 from diffusion_pl.processes.sde import SDEProcess
-from diffusion_pl.samplers.ode import ODEFn, ODEMethod, integrate_ode, probability_flow
-from diffusion_pl.utils import sum_except_batch
 
 ProbeKind = Literal["rademacher", "gaussian"]
 PROBE_KINDS: tuple[str, ...] = ("rademacher", "gaussian")

@@ -14,9 +14,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.tensors import append_dims, sum_except_batch
 from diffusion_pl.parameterization import DenoiseFn, Prediction
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
-from diffusion_pl.utils import append_dims, sum_except_batch
 
 Decoder = Literal["discretized", "gaussian"]
 BIN_HALF_WIDTH = 1.0 / 255.0  # 256 levels spread over [-1, 1]: bin width 2/255

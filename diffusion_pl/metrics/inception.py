@@ -6,10 +6,13 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    FeatureExtractorInceptionV3,
+)
 
+from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.metrics.extractor import FeatureExtractor, Features
-from diffusion_pl.utils import to_uint8
 
 #: The torch-fidelity feature names: pool3 features (FID, KID) and the 1008 logits without bias (IS).
 FEATURE_LAYERS: tuple[str, str] = ("2048", "logits_unbiased")

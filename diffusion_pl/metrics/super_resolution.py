@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 from torchmetrics.functional import structural_similarity_index_measure
 
-from diffusion_pl.resampling import DownsampleMode, downsample
+from diffusion_pl.core.resize import DownsampleMode, downsample
 
 
 def psnr(images: Tensor, targets: Tensor, data_range: float = 2.0) -> Tensor:

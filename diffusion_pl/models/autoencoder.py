@@ -10,13 +10,20 @@ import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from diffusion_pl.core.spec import build, factory, is_spec, keep_described, spec_of
 from diffusion_pl.metrics.super_resolution import psnr
 from diffusion_pl.models.checkpointing import CheckpointChecks
 from diffusion_pl.models.hparams import log_run_hparams
 from diffusion_pl.models.lr_schedule import configure_optimization
-from diffusion_pl.nets.autoencoder import (DiscLoss, KLAutoencoder, PatchDiscriminator, adaptive_weight,
-                                           discriminator_loss, generator_loss, reconstruction_loss)
-from diffusion_pl.nets.spec import build, factory, is_spec, keep_described, spec_of
+from diffusion_pl.nets.autoencoder import (
+    DiscLoss,
+    KLAutoencoder,
+    PatchDiscriminator,
+    adaptive_weight,
+    discriminator_loss,
+    generator_loss,
+    reconstruction_loss,
+)
 
 #: The metrics shown beside the hyperparameters in TensorBoard's HPARAMS view.
 RUN_METRICS = ("val/ae_psnr", "val/ae_l1")

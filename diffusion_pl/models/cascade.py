@@ -9,14 +9,14 @@ import torch
 from torch import Tensor, nn
 
 from diffusion_pl.conditioning import set_sampling_level
+from diffusion_pl.core.errors import ConfigError
+from diffusion_pl.core.resize import upsample
+from diffusion_pl.core.spec import Configurable
+from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.guidance import Guidance
-from diffusion_pl.errors import ConfigError
 from diffusion_pl.models.diffusion import DiffusionModule
-from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.pipelines import cascade, side_by_side
-from diffusion_pl.resampling import upsample
 from diffusion_pl.samplers import Sampler
-from diffusion_pl.utils import to_uint8
 
 
 class CascadeStage(Configurable):

@@ -17,11 +17,20 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any, ClassVar
 
-
-from diffusion_pl.checkpoint_file import non_finite_weights, read_checkpoint, refuse_non_finite_weights, verify_file
-from diffusion_pl.errors import CheckpointMismatchError, CheckpointNotFoundError, NonFiniteError, UserError
+from diffusion_pl.core.checkpoint_file import (
+    non_finite_weights,
+    read_checkpoint,
+    refuse_non_finite_weights,
+    verify_file,
+)
+from diffusion_pl.core.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    NonFiniteError,
+    UserError,
+)
+from diffusion_pl.core.spec import class_path, describe, differences
 from diffusion_pl.nets.loading import MODULE_KEY, wrong_kind_error
-from diffusion_pl.nets.spec import class_path, describe, differences
 
 _HOW_TO_FIX_DIVERGENCE = (
     "lower the learning rate (model.init_args.optimizer.init_args.lr), set trainer.gradient_clip_val (e.g. 1.0), "

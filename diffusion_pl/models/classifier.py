@@ -13,14 +13,14 @@ from torch import Tensor
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
+from diffusion_pl.core.seeds import evaluation_seed
+from diffusion_pl.core.spec import build, factory, is_spec, keep_described, spec_of
 from diffusion_pl.guidance import PROCESS_MARGINALS_KEY
 from diffusion_pl.models.checkpointing import CheckpointChecks
 from diffusion_pl.models.hparams import log_run_hparams
 from diffusion_pl.models.lr_schedule import configure_optimization
-from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
-from diffusion_pl.nets.spec import build, factory, is_spec, keep_described, spec_of
+from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.utils import evaluation_seed
 
 log = logging.getLogger(__name__)
 

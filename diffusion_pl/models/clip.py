@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 
+from diffusion_pl.core.seeds import evaluation_seed
+from diffusion_pl.core.spec import build, factory, is_spec, keep_described, spec_of
 from diffusion_pl.guidance import PROCESS_MARGINALS_KEY
 from diffusion_pl.models.checkpointing import CheckpointChecks
 from diffusion_pl.models.classifier import BucketAccuracy, ClassifierInput
 from diffusion_pl.models.hparams import log_run_hparams
 from diffusion_pl.models.lr_schedule import configure_optimization
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet
-from diffusion_pl.nets.spec import build, factory, is_spec, keep_described, spec_of
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.utils import evaluation_seed
 
 log = logging.getLogger(__name__)
 

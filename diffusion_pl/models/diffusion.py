@@ -14,6 +14,9 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from diffusion_pl.conditioning import Conditioner
+from diffusion_pl.core.seeds import evaluation_seed
+from diffusion_pl.core.spec import build, factory, keep_described, spec_of
+from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.data import calibration_batches
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.likelihood import Likelihood
@@ -22,12 +25,16 @@ from diffusion_pl.models.checkpointing import CheckpointChecks, non_finite_error
 from diffusion_pl.models.hparams import log_run_hparams
 from diffusion_pl.models.lr_schedule import configure_optimization, default_adam
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
-from diffusion_pl.nets.spec import build, factory, keep_described, spec_of
-from diffusion_pl.parameterization import Denoiser, DenoiseFn, PredictionKind, clip_denoised, warn_unclipped_eps
+from diffusion_pl.parameterization import (
+    DenoiseFn,
+    Denoiser,
+    PredictionKind,
+    clip_denoised,
+    warn_unclipped_eps,
+)
 from diffusion_pl.pipelines import PredictTask, seeded_noise
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers import DDPM, Sampler
-from diffusion_pl.utils import evaluation_seed, to_uint8
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
-from diffusion_pl.nets.spec import is_spec
+from diffusion_pl.core.spec import is_spec
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.core.spec import Configurable
 from diffusion_pl.nets.unet import AttentionBlock, group_norm
 
 Shape = tuple[int, int, int]

@@ -14,9 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from diffusion_pl.core.spec import Configurable
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
-from diffusion_pl.nets.spec import Configurable
-
 from diffusion_pl.nets.unet import (
     AttentionBlock,
     EmbedSequential,

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_pl.checkpoint_file import read_checkpoint, write_checkpoint
-from diffusion_pl.errors import CheckpointError, UserError
+from diffusion_pl.core.checkpoint_file import read_checkpoint, write_checkpoint
+from diffusion_pl.core.errors import CheckpointError, UserError
+from diffusion_pl.core.files import file_sha256
+from diffusion_pl.core.spec import Configurable
 from diffusion_pl.nets.loading import rebuild
-from diffusion_pl.nets.spec import Configurable
 from diffusion_pl.nets.unet import SinusoidalEmbedding
-from diffusion_pl.utils import file_sha256
 
 log = logging.getLogger(__name__)
 

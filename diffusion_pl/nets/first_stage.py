@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_pl.errors import ConfigError
+from diffusion_pl.core.errors import ConfigError
+from diffusion_pl.core.spec import Configurable, build, spec_of
 from diffusion_pl.nets.loading import load_checkpoint, rebuild, wrong_kind_error
-from diffusion_pl.nets.spec import Configurable, build, spec_of
 
 Shape = tuple[int, int, int]
 #: Sums a tensor over all processes (``trainer.strategy.reduce(x, reduce_op="sum")``; the identity on one process).

@@ -13,9 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from diffusion_pl.checkpoint_file import read_checkpoint
-from diffusion_pl.errors import CheckpointError, CheckpointMismatchError, CheckpointNotFoundError
-from diffusion_pl.nets.spec import build, import_class, is_spec
+from diffusion_pl.core.checkpoint_file import read_checkpoint
+from diffusion_pl.core.errors import (
+    CheckpointError,
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+)
+from diffusion_pl.core.spec import build, import_class, is_spec
 
 #: Where a checkpoint records the class of the module that wrote it (``CheckpointChecks.on_save_checkpoint``).
 MODULE_KEY = "diffusion_pl_module"
@@ -45,7 +49,7 @@ def wrong_kind_error(checkpoint: dict[str, Any], source: str, expected: str) -> 
 
 def load_checkpoint(path: str | Path, *, what: str = "checkpoint", how_to_make: str = "") -> dict[str, Any]:
     """Read a Lightning checkpoint on the CPU, after verifying its checksum (``weights_only``: plain data only, no
-    code runs; see :func:`diffusion_pl.checkpoint_file.read_checkpoint`).
+    code runs; see :func:`diffusion_pl.core.checkpoint_file.read_checkpoint`).
 
     Args:
         path: The checkpoint file.

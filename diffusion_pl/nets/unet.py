@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from diffusion_pl.errors import InputShapeError
-from diffusion_pl.nets.spec import Configurable
-from diffusion_pl.utils import append_dims
+from diffusion_pl.core.errors import InputShapeError
+from diffusion_pl.core.spec import Configurable
+from diffusion_pl.core.tensors import append_dims
 
 __all__ = [
     "UNet", "SinusoidalEmbedding", "EmbedBlock", "ContextBlock", "ResBlock", "AttentionBlock", "CrossAttention",

@@ -8,13 +8,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn, Prediction, eps_from_x0
 from diffusion_pl.pipelines.masks import check_mask
 from diffusion_pl.pipelines.model import SamplingModel, run_sampler, sampling_process
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
 from diffusion_pl.samplers import ddpm_step, strided_steps
-from diffusion_pl.utils import append_dims
 
 InpaintMethod = Literal["replace", "repaint", "x0"]
 INPAINT_METHODS: tuple[str, ...] = ("replace", "repaint", "x0")

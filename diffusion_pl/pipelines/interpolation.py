@@ -7,9 +7,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from diffusion_pl.pipelines.model import SamplingModel, run_sampler, sampling_process, start_grid, start_time
+from diffusion_pl.core.tensors import append_dims
+from diffusion_pl.pipelines.model import (
+    SamplingModel,
+    run_sampler,
+    sampling_process,
+    start_grid,
+    start_time,
+)
 from diffusion_pl.samplers import DDIM, invert_ddim, sample_ddim
-from diffusion_pl.utils import append_dims
 
 
 def mix_noised(z: Tensor, z_prime: Tensor, lambdas: Tensor, alpha: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:

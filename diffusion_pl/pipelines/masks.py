@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from diffusion_pl.errors import ConfigError, DataError
+from diffusion_pl.core.errors import ConfigError, DataError
 
 MaskName = Literal["left_half", "center_box", "random_boxes"]
 MASK_NAMES: tuple[str, ...] = ("left_half", "center_box", "random_boxes")

@@ -14,13 +14,13 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.conditioning import set_sampling_level
-from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.core.resize import upsample
+from diffusion_pl.core.spec import Configurable
+from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.pipelines.inpainting import INPAINT_METHODS, InpaintMethod, inpaint
 from diffusion_pl.pipelines.interpolation import interpolate, interpolate_ddim
 from diffusion_pl.pipelines.masks import MASK_NAMES, load_mask, named_mask
 from diffusion_pl.pipelines.model import GenerativeModel, SamplingModel, seeded_noise
-from diffusion_pl.resampling import upsample
-from diffusion_pl.utils import to_uint8
 
 
 def side_by_side(*columns: Tensor) -> Tensor:

@@ -8,8 +8,8 @@ import math
 import torch
 from torch import Tensor, nn
 
-from diffusion_pl.nets.spec import Configurable
-from diffusion_pl.utils import append_dims, sum_except_batch
+from diffusion_pl.core.spec import Configurable
+from diffusion_pl.core.tensors import append_dims, sum_except_batch
 
 
 def marginals_mismatch(trained: dict[str, Tensor], used: dict[str, Tensor], atol: float = 1e-5) -> str | None:

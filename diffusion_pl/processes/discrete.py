@@ -8,9 +8,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.schedules import ScheduleName, make_betas
-from diffusion_pl.utils import append_dims
 
 FixedVariance = Literal["beta", "posterior"]
 

@@ -20,8 +20,8 @@ import math
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.tensors import append_dims, sum_except_batch
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.utils import append_dims, sum_except_batch
 
 NET_TIME_SCALE = 999.0
 

@@ -1,6 +1,9 @@
 """Stateless sampling functions over a denoiser (the time grid is an argument, not hidden state) and the typed
 sampler configurations that check a process, build its default grid and call them."""
 
+from diffusion_pl.core.project import ProjectFn
+from diffusion_pl.parameterization import probability_flow
+from diffusion_pl.processes.ode import integrate_ode
 from diffusion_pl.samplers.configs import (
     DDIM,
     DDPM,
@@ -16,11 +19,21 @@ from diffusion_pl.samplers.configs import (
 )
 from diffusion_pl.samplers.ddim import invert_ddim, sample_ddim
 from diffusion_pl.samplers.ddpm import ddpm_step, sample_ddpm
-from diffusion_pl.samplers.edm import OnStepFn, sample_dpmpp_2m, sample_euler, sample_heun
+from diffusion_pl.samplers.edm import (
+    OnStepFn,
+    sample_dpmpp_2m,
+    sample_euler,
+    sample_heun,
+)
 from diffusion_pl.samplers.edm_sde import sample_dpmpp_2m_sde, sample_edm_stochastic
-from diffusion_pl.samplers.grids import append_zero, ddpm_grid, sde_times, strided_grid, strided_steps
-from diffusion_pl.samplers.ode import encode_ode, integrate_ode, probability_flow, sample_ode
-from diffusion_pl.samplers.project import ProjectFn
+from diffusion_pl.samplers.grids import (
+    append_zero,
+    ddpm_grid,
+    sde_times,
+    strided_grid,
+    strided_steps,
+)
+from diffusion_pl.samplers.ode import encode_ode, sample_ode
 from diffusion_pl.samplers.sde import sample_euler_maruyama, sample_pc
 from diffusion_pl.samplers.timegrids import Karras, LogSNR, TimeGrid, Trailing, Uniform
 

@@ -15,15 +15,21 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.core.project import ProjectFn
+from diffusion_pl.core.spec import Configurable
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
+from diffusion_pl.processes.ode import ODEMethod, check_ode_method
 from diffusion_pl.processes.sde import SDEProcess
 from diffusion_pl.samplers.ddim import check_eta, sample_ddim
 from diffusion_pl.samplers.ddpm import sample_ddpm
 from diffusion_pl.samplers.edm import sample_dpmpp_2m, sample_euler, sample_heun
-from diffusion_pl.samplers.edm_sde import check_churn, sample_dpmpp_2m_sde, sample_edm_stochastic
+from diffusion_pl.samplers.edm_sde import (
+    check_churn,
+    sample_dpmpp_2m_sde,
+    sample_edm_stochastic,
+)
 from diffusion_pl.samplers.grids import (
     TimeSpacing,
     append_zero,
@@ -34,9 +40,14 @@ from diffusion_pl.samplers.grids import (
     strided_grid,
     strided_steps,
 )
-from diffusion_pl.samplers.ode import ODEMethod, check_ode_method, sample_ode
-from diffusion_pl.samplers.project import ProjectFn
-from diffusion_pl.samplers.sde import Predictor, StepSizeNorm, check_pc_options, sample_euler_maruyama, sample_pc
+from diffusion_pl.samplers.ode import sample_ode
+from diffusion_pl.samplers.sde import (
+    Predictor,
+    StepSizeNorm,
+    check_pc_options,
+    sample_euler_maruyama,
+    sample_pc,
+)
 from diffusion_pl.samplers.timegrids import Karras, TimeGrid, time_range
 
 HParam = int | float | str | bool

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.progress import maybe_progress
+from diffusion_pl.core.project import ProjectFn
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers.grids import grid_pairs
-from diffusion_pl.samplers.progress import maybe_progress
-from diffusion_pl.samplers.project import ProjectFn
-from diffusion_pl.utils import append_dims
 
 
 def variance_preserving(process: ForwardProcess) -> bool:

@@ -17,12 +17,12 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.progress import maybe_progress
+from diffusion_pl.core.project import ProjectFn
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers.grids import grid_pairs
-from diffusion_pl.samplers.progress import maybe_progress
-from diffusion_pl.samplers.project import ProjectFn
-from diffusion_pl.utils import append_dims
 
 OnStepFn = Callable[[int, Tensor, Tensor, Tensor], None]
 """(i, t, x, x0_hat) -> None, called after step i: t the (B,) time reached, x the sample there (after any

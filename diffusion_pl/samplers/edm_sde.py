@@ -9,12 +9,19 @@ import math
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.project import ProjectFn
+from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.samplers.edm import OnStepFn, _finish, _steps, dpmpp_2m_loop, heun_step, noise_level
-from diffusion_pl.samplers.project import ProjectFn
+from diffusion_pl.samplers.edm import (
+    OnStepFn,
+    _finish,
+    _steps,
+    dpmpp_2m_loop,
+    heun_step,
+    noise_level,
+)
 from diffusion_pl.samplers.timegrids import sigma_range, times_at_sigmas
-from diffusion_pl.utils import append_dims
 
 
 def check_churn(s_churn: float, s_tmin: float, s_tmax: float | None, s_noise: float) -> None:

@@ -13,22 +13,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.progress import maybe_progress
+from diffusion_pl.core.project import ProjectFn
+from diffusion_pl.core.tensors import append_dims, batch_time
 from diffusion_pl.parameterization import DenoiseFn, score_from_eps
 from diffusion_pl.processes.sde import SDEProcess
 from diffusion_pl.samplers.grids import grid_pairs
-from diffusion_pl.samplers.progress import maybe_progress
-from diffusion_pl.samplers.project import ProjectFn
-from diffusion_pl.utils import append_dims
 
 Predictor = Literal["reverse_diffusion", "euler_maruyama"]
 StepSizeNorm = Literal["sample", "batch"]
 PREDICTORS: tuple[str, ...] = ("reverse_diffusion", "euler_maruyama")
 STEP_SIZE_NORMS: tuple[str, ...] = ("sample", "batch")
-
-
-def batch_time(t: float, x: Tensor) -> Tensor:
-    """The time ``t`` as a (B,) tensor on ``x``'s device and dtype."""
-    return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
 
 
 def _noise(x: Tensor, generator: torch.Generator | None) -> Tensor:

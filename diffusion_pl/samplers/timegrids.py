@@ -19,11 +19,16 @@ import math
 import torch
 from torch import Tensor
 
-from diffusion_pl.nets.spec import Configurable
+from diffusion_pl.core.spec import Configurable
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess
 from diffusion_pl.processes.sde import SDEProcess
-from diffusion_pl.samplers.grids import append_zero, check_steps, invert_log_snr, log_snr
+from diffusion_pl.samplers.grids import (
+    append_zero,
+    check_steps,
+    invert_log_snr,
+    log_snr,
+)
 
 #: The default largest noise level of :class:`Karras` grids when the process reaches higher (EDM, Karras et al. 2022,
 #: Sec. 5: sigma_max = 80). A cosine DDPM reaches sigma~ ~ 2e4 at T: starting there, 5-10 step Heun and DPM-Solver++

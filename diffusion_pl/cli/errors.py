@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from diffusion_pl.errors import ConfigError, UserError
+from diffusion_pl.core.errors import ConfigError, UserError
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "DIFFUSION_PL_DEBUG"

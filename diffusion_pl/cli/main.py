@@ -28,14 +28,25 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from diffusion_pl.callbacks import ResumeRNGState, RunDirectory, TerminationCheckpoint, VerifiedCheckpointIO
+from diffusion_pl.callbacks import (
+    ResumeRNGState,
+    RunDirectory,
+    TerminationCheckpoint,
+    VerifiedCheckpointIO,
+)
 from diffusion_pl.callbacks.preemption import TERMINATED_STATUS
 from diffusion_pl.callbacks.progress import RunProgressBar
-from diffusion_pl.checkpoint_file import read_checkpoint
-from diffusion_pl.cli_errors import DEBUG_ENV, DEBUG_FLAG, check_config_files, config_error, message
+from diffusion_pl.cli.errors import (
+    DEBUG_ENV,
+    DEBUG_FLAG,
+    check_config_files,
+    config_error,
+    message,
+)
+from diffusion_pl.core.checkpoint_file import read_checkpoint
+from diffusion_pl.core.errors import UserError, WriteError
+from diffusion_pl.core.spec import build, is_spec
 from diffusion_pl.data import ImageDataModule
-from diffusion_pl.errors import UserError, WriteError
-from diffusion_pl.nets.spec import build, is_spec
 
 log = logging.getLogger(__name__)
 #: What the file system says when output cannot be written: a read-only folder, no permission, a full disk or quota.

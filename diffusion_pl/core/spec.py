@@ -9,7 +9,7 @@ class, which registers itself when its module is imported; this framework's modu
 an optimizer or learning-rate scheduler of ``torch.optim`` (``OptimizerCallable``/``LRSchedulerCallable`` specs),
 or a class the user allowed explicitly (:func:`allow_parts`, or the environment variable ``DIFFUSION_PL_ALLOW_PARTS``
 for the command line). Anything else (``os.system``, ``subprocess.Popen``, ``builtins.eval``, a module with import-time
-side effects) is refused with :class:`~diffusion_pl.errors.UntrustedPartError` before it is imported.
+side effects) is refused with :class:`~diffusion_pl.core.errors.UntrustedPartError` before it is imported.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from diffusion_pl.errors import UntrustedPartError
+from diffusion_pl.core.errors import UntrustedPartError
 
 Spec = dict[str, Any]
 
@@ -153,7 +153,7 @@ def _untrusted(path: str, source: str, why: str) -> UntrustedPartError:
         f"{source}: refusing to construct {path!r}: {why}. A spec may only name a part of diffusion_pl, a "
         "torch.optim optimizer or scheduler, or a class you allowed. If you trust this file and the class is your "
         f"own part, import its module first (a Configurable subclass registers itself), or allow it: "
-        f"{ALLOW_ENV}={path} on the command line, diffusion_pl.nets.spec.allow_parts({path!r}) in Python")
+        f"{ALLOW_ENV}={path} on the command line, diffusion_pl.core.spec.allow_parts({path!r}) in Python")
 
 
 def import_class(path: str, source: str) -> type:

@@ -28,8 +28,13 @@ from typing import Any
 
 import torch
 
-from diffusion_pl.errors import CheckpointCorruptError, CheckpointError, CheckpointNotFoundError, WriteError
-from diffusion_pl.owner import Owner
+from diffusion_pl.core.errors import (
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    WriteError,
+)
+from diffusion_pl.core.owner import Owner
 
 log = logging.getLogger(__name__)
 

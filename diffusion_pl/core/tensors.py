@@ -1,9 +1,6 @@
-"""Small tensor helpers shared by every layer, a file's SHA-256, and derived seeds."""
+"""Small tensor helpers shared by every layer: broadcasting, per-sample reductions, uint8 <-> [-1, 1]."""
 
 from __future__ import annotations
-
-import hashlib
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -45,19 +42,6 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def file_sha256(path: str | Path) -> str:
-    """The SHA-256 of a file's bytes (hex), read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()
-
-
-def evaluation_seed(batch_idx: int, rank: int) -> int:
-    """The seed of an evaluation batch's noise: the process rank in the upper 32 bits, the batch index in the lower,
-    so that no two (rank, batch) pairs share a stream (``batch + 1000 * rank`` did once a rank had more than 1,000
-    batches) and every evaluation draws the same noise."""
-    if not (0 <= batch_idx < 1 << 32 and 0 <= rank < 1 << 31):
-        raise ValueError(f"evaluation seeds take batch indices below 2^32 and ranks below 2^31, got {batch_idx}, {rank}")
-    return (rank << 32) | batch_idx
+def batch_time(t: float, x: Tensor) -> Tensor:
+    """The time ``t`` as a (B,) tensor on ``x``'s device and dtype."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)
