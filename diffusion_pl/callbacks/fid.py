@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from diffusion_pl.callbacks.ema import averaged_module
 from diffusion_pl.callbacks.examples import real_examples
+from diffusion_pl.core.seeds import derived_seed
 from diffusion_pl.data.datamodule import ImageDataModule, ImageDataset
 from diffusion_pl.data.sources import ImageData
 from diffusion_pl.metrics.extractor import FeatureExtractor, Features
@@ -32,8 +33,6 @@ from diffusion_pl.models.hparams import flatten
 
 log = logging.getLogger(__name__)
 
-# Odd 64-bit constant (golden-ratio multiplier) mixing (seed, first sample index) into one generator seed.
-_MIX_SEED = 0x9E3779B97F4A7C15
 # Seed of the real-image subsets (reference_size, KID features): fixed, so cached statistics do not depend on `seed`.
 _REFERENCE_SEED = 0
 
@@ -48,7 +47,7 @@ def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int) 
 
 def batch_seed(seed: int, start: int) -> int:
     """Seed of the sampling batch whose first sample has index ``start``."""
-    return (seed * _MIX_SEED + start) % (1 << 63)
+    return derived_seed(seed, start)
 
 
 def sample_conditions(module: pl.LightningModule, start: int, stop: int,

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import random
+from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
 
-
-# Odd 64-bit constant (the splitmix64 multiplier) that mixes the rank into a seed.
-_MIX_RANK = 0xBF58476D1CE4E5B9
+from diffusion_pl.core.seeds import rank_seed
 
 
 def seed_rank_streams(rank: int) -> None:
@@ -25,7 +22,7 @@ def seed_rank_streams(rank: int) -> None:
     """
     if rank == 0:
         return
-    seed = (torch.initial_seed() + rank * _MIX_RANK) % (1 << 32)
+    seed = rank_seed(torch.initial_seed(), rank)
     torch.manual_seed(seed)
     np.random.seed(seed)
     random.seed(seed)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from diffusion_pl.core.errors import ConfigError
 from diffusion_pl.core.resize import DownsampleMode
+from diffusion_pl.core.seeds import derived_seed
 from diffusion_pl.core.tensors import append_dims, from_uint8
 from diffusion_pl.data.predict_inputs import load_predict_images
 from diffusion_pl.data.sampler import ResumableDataLoader, ResumableSampler
@@ -31,8 +32,6 @@ from diffusion_pl.data.sources import (
 
 log = logging.getLogger(__name__)
 
-# Odd 64-bit constants (golden-ratio and splitmix64 multipliers) to mix (seed, rank, batch) into one seed.
-_MIX_SEED, _MIX_RANK = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9
 
 
 class ImageDataset(Dataset):
@@ -439,8 +438,7 @@ class ImageDataModule(L.LightningDataModule):
             The batch with a random subset of images mirrored left-right.
         """
         _, rank = self._world()
-        mixed = (self.hparams.seed * _MIX_SEED + rank * _MIX_RANK + self._flip_batches) % (1 << 63)
-        self._flip_generator.manual_seed(mixed)
+        self._flip_generator.manual_seed(derived_seed(self.hparams.seed, self._flip_batches, rank))
         self._flip_batches += 1
         mask = torch.rand(images.shape[0], generator=self._flip_generator) < 0.5
         mask = append_dims(mask.to(images.device), images.ndim)

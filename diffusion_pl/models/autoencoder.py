@@ -5,16 +5,13 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
-from diffusion_pl.core.spec import build, factory, is_spec, keep_described, spec_of
+from diffusion_pl.core.spec import build, is_spec
 from diffusion_pl.metrics.super_resolution import psnr
-from diffusion_pl.models.checkpointing import CheckpointChecks
-from diffusion_pl.models.hparams import log_run_hparams
-from diffusion_pl.models.lr_schedule import configure_optimization
+from diffusion_pl.models.base import PartsModule, configure_optimization
 from diffusion_pl.nets.autoencoder import (
     DiscLoss,
     KLAutoencoder,
@@ -24,9 +21,6 @@ from diffusion_pl.nets.autoencoder import (
     generator_loss,
     reconstruction_loss,
 )
-
-#: The metrics shown beside the hyperparameters in TensorBoard's HPARAMS view.
-RUN_METRICS = ("val/ae_psnr", "val/ae_l1")
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -40,7 +34,7 @@ def autoencoder_steps(global_step: int, disc_start: int) -> int:
     return global_step if global_step <= disc_start else (global_step + disc_start) // 2
 
 
-class AutoencoderModule(CheckpointChecks, pl.LightningModule):
+class AutoencoderModule(PartsModule):
     """Trains a :class:`KLAutoencoder` with, per batch of images x (Rombach et al. 2022, Sec. 3 and App. G, without
     LPIPS),
 
@@ -84,6 +78,7 @@ class AutoencoderModule(CheckpointChecks, pl.LightningModule):
 
     #: What the weights mean: a checkpoint of another net or discriminator is refused (``CheckpointChecks``).
     MUST_MATCH = ("net", "discriminator", "channels")
+    RUN_METRICS = ("val/ae_psnr", "val/ae_l1")
 
     def __init__(
         self,
@@ -118,13 +113,14 @@ class AutoencoderModule(CheckpointChecks, pl.LightningModule):
         if gradient_clip_val is not None and discriminator is None:
             raise ValueError("gradient_clip_val of the module applies under manual optimisation (with a "
                              "discriminator); without one set trainer.gradient_clip_val instead")
-        self.save_hyperparameters(ignore=["net", "discriminator"], logger=False)
-        keep_described(self.hparams, ("optimizer", "lr_scheduler"))
-        self.hparams["net"], self.hparams["discriminator"] = spec_of(net), spec_of(discriminator)
+        self.register_parts({"net": net, "discriminator": discriminator}, optimizer, lr_scheduler)
         self.autoencoder = net
         self.discriminator = discriminator
         self.automatic_optimization = discriminator is None
-        self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(lr_scheduler)
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.autoencoder
 
     @property
     def autoencoder_steps(self) -> int:
@@ -209,23 +205,11 @@ class AutoencoderModule(CheckpointChecks, pl.LightningModule):
         """One optimizer (and schedule) without a discriminator; else the autoencoder's and the discriminator's, each
         schedule's ``total_steps`` left None being that optimizer's share of the fit (see the class docstring)."""
         if self.discriminator is None:
-            return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
+            return super().configure_optimizers()
         total = self.trainer.estimated_stepping_batches
         ae_total = (None if not math.isfinite(total) else autoencoder_steps(int(total), self.hparams.disc_start)
                     if self.trainer.max_steps != -1 else int(total))
         totals = (ae_total, None if ae_total is None else max(0, ae_total - self.hparams.disc_start))
-        configs = []
-        for part, part_total in zip((self.autoencoder, self.discriminator), totals):
-            optimizer = self.optimizer_factory(list(part.parameters()))
-            config: dict[str, Any] = {"optimizer": optimizer}
-            if self.scheduler_factory is not None:
-                scheduler = self.scheduler_factory(optimizer)
-                if getattr(scheduler, "total_steps", 0) is None:
-                    scheduler.total_steps = part_total
-                config["lr_scheduler"] = {"scheduler": scheduler, "interval": "step"}
-            configs.append(config)
-        return configs
-
-    def on_fit_start(self) -> None:
-        """Log the hyperparameters that define the run, beside its metrics (TensorBoard HPARAMS)."""
-        log_run_hparams(self, self.autoencoder, RUN_METRICS)
+        return [configure_optimization(self, self.optimizer_factory, self.scheduler_factory, list(part.parameters()),
+                                       part_total)
+                for part, part_total in zip((self.autoencoder, self.discriminator), totals)]

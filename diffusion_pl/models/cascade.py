@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from diffusion_pl.conditioning import set_sampling_level
 from diffusion_pl.core.errors import ConfigError
 from diffusion_pl.core.resize import upsample
+from diffusion_pl.core.seeds import predict_seed
 from diffusion_pl.core.spec import Configurable
 from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.guidance import Guidance
@@ -101,7 +102,7 @@ class CascadeModule(pl.LightningModule):
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:
         seeds = batch["seed"].tolist()
-        generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
+        generator = torch.Generator(device=self.device).manual_seed(predict_seed(int(seeds[0])))
         conditions = {key: value for key, value in batch.items() if key != "seed"}
         outputs = [to_uint8(images).cpu() for images in cascade(list(self.stages), seeds, conditions, generator)]
         size = outputs[-1].shape[-1]

@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
-from diffusion_pl.core.seeds import evaluation_seed
-from diffusion_pl.core.spec import build, factory, is_spec, keep_described, spec_of
-from diffusion_pl.guidance import PROCESS_MARGINALS_KEY
-from diffusion_pl.models.checkpointing import CheckpointChecks
-from diffusion_pl.models.classifier import BucketAccuracy, ClassifierInput
-from diffusion_pl.models.hparams import log_run_hparams
-from diffusion_pl.models.lr_schedule import configure_optimization
+from diffusion_pl.core.spec import build, is_spec
+from diffusion_pl.models.base import PartsModule
+from diffusion_pl.models.noisy_inputs import NoisyInputs
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet
 from diffusion_pl.processes.base import ForwardProcess
 
-log = logging.getLogger(__name__)
-
 #: Caption templates filled with a class name (CLIP's prompt engineering, Radford et al. 2021, Sec. 3.1.4).
 DEFAULT_TEMPLATES = ("a photo of a {}", "a picture of a {}", "an image of a {}", "a {}")
-#: The metrics shown beside the hyperparameters in TensorBoard's HPARAMS view.
-RUN_METRICS = ("val/loss", "val/clip_acc")
 
 
 def default_optimizer(params: Any) -> torch.optim.Optimizer:
@@ -50,18 +40,7 @@ def label_aware_contrastive_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets)) / 2
 
 
-def noised_input(x0: Tensor, process: ForwardProcess | None, generator: torch.Generator | None) -> ClassifierInput:
-    """x0 itself (no process), or x_t ~ q(x_t | x0) (Ho et al. 2020, eq. 4) with t ~ ``process.sample_t``, its network
-    time and noise fraction sigma^2 / (alpha^2 + sigma^2)."""
-    if process is None:
-        return ClassifierInput(x0, None, None)
-    t = process.sample_t(x0.shape[0], x0.device, generator=generator)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    alpha2, sigma2 = process.alpha(t) ** 2, process.sigma(t) ** 2
-    return ClassifierInput(process.add_noise(x0, t, noise), process.net_input_time(t), sigma2 / (alpha2 + sigma2))
-
-
-class CLIPModule(CheckpointChecks, pl.LightningModule):
+class CLIPModule(NoisyInputs, PartsModule):
     """Contrastive training of a :class:`CLIPNet` on images and captions made from their class names.
 
     Each training image gets a caption ``template.format(class name)`` with a template drawn at random from
@@ -87,6 +66,8 @@ class CLIPModule(CheckpointChecks, pl.LightningModule):
 
     #: What the weights mean: a checkpoint of another net or process is refused (``CheckpointChecks``).
     MUST_MATCH = ("net", "process", "channels")
+    RUN_METRICS = ("val/loss", "val/clip_acc")
+    BUCKET_METRIC = "clip_acc_noise"
 
     def __init__(
         self,
@@ -108,21 +89,16 @@ class CLIPModule(CheckpointChecks, pl.LightningModule):
         if net.in_channels != channels:
             raise ValueError(f"the CLIP net takes {net.in_channels}-channel images but the data has {channels}: "
                              "set model.init_args.net.init_args.in_channels to data.init_args.channels")
-        if noise_buckets < 1:
-            raise ValueError(f"noise_buckets must be >= 1, got {noise_buckets}")
-        if process is not None and not net.time_conditional:
-            log.warning("training a noised CLIP on x_t with a net that does not embed t: set time_conditional: true")
-        self.save_hyperparameters(ignore=["net", "process"], logger=False)
-        keep_described(self.hparams, ("optimizer", "lr_scheduler"))
-        self.hparams["net"], self.hparams["process"] = spec_of(net), spec_of(process)
+        self.register_parts({"net": net, "process": process}, optimizer, lr_scheduler)
         self.hparams["templates"] = list(templates)
-        self.net, self.process = net, process
-        self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(lr_scheduler)
-        self.bucket_accuracy = None if process is None else torch.nn.ModuleDict(
-            {f"{stage}_acc": BucketAccuracy(noise_buckets) for stage in ("val", "test")})
-        self.process_marginals: dict[str, Tensor] | None = None if process is None else process.marginals()
+        self.net = net
+        self.init_noisy_inputs(process, noise_buckets, net.time_conditional)
         self.class_names: list[str] = []
         self._caption_template = list(templates)[:1]
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.net
 
     # ------------------------------------------------------------------------------------------- captions
 
@@ -158,7 +134,7 @@ class CLIPModule(CheckpointChecks, pl.LightningModule):
         noise and templates from generators seeded by ``seed``, training from the global RNG (exact resume)."""
         noise_generator = None if seed is None else torch.Generator(device=self.device).manual_seed(seed)
         template_generator = None if seed is None else torch.Generator().manual_seed(seed)
-        inputs = noised_input(batch["image"], self.process, noise_generator)
+        inputs = self.noisy_input(batch["image"], noise_generator)
         image_features = self.net.encode_image(inputs.x, inputs.t)
         text_features = self.net.encode_text(self.captions(batch, template_generator))
         labels = batch["label"]
@@ -172,13 +148,8 @@ class CLIPModule(CheckpointChecks, pl.LightningModule):
             prompts = self.net.encode_text(self.zero_shot_prompts)
             correct = self.net.similarity(image_features, prompts).argmax(-1) == labels
         self.log(f"{stage}/clip_acc", correct.float().mean(), prog_bar=True, sync_dist=True, batch_size=size)
-        if self.bucket_accuracy is not None:
-            self.bucket_accuracy[f"{stage}_acc"].update(correct, inputs.noise_fraction)
+        self.count_correct(stage, correct, inputs.noise_fraction)
         return loss
-
-    def _eval_seed(self, batch_idx: int) -> int:
-        """Seed of an evaluation batch's noise and templates, from (batch, rank): the same at every evaluation."""
-        return evaluation_seed(batch_idx, self.global_rank)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         return self._step(batch, "train", None)
@@ -187,40 +158,17 @@ class CLIPModule(CheckpointChecks, pl.LightningModule):
         self.net.clamp_logit_scale()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "val", self._eval_seed(batch_idx))
+        self._step(batch, "val", self.evaluation_seed(batch_idx))
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._step(batch, "test", self._eval_seed(batch_idx))
-
-    def _log_buckets(self, stage: str) -> None:
-        """Log (and reset) the zero-shot accuracy per noise bucket; empty buckets are skipped."""
-        if self.bucket_accuracy is None:
-            return
-        self.log_dict(self.bucket_accuracy[f"{stage}_acc"].take(f"{stage}/clip_acc_noise"), sync_dist=True)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_buckets("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._log_buckets("test")
+        self._step(batch, "test", self.evaluation_seed(batch_idx))
 
     # ------------------------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)  # refuses non-finite weights
+        super().on_save_checkpoint(checkpoint)  # refuses non-finite weights; keeps the process marginals
         checkpoint[CLASS_NAMES_KEY] = list(self.class_names)
-        if self.process_marginals is not None:
-            checkpoint[PROCESS_MARGINALS_KEY] = self.process_marginals
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint of another net or process
+        super().on_load_checkpoint(checkpoint)  # refuses a checkpoint of another net or process; its marginals
         self.class_names = list(checkpoint.get(CLASS_NAMES_KEY, self.class_names))
-        if PROCESS_MARGINALS_KEY in checkpoint:
-            self.process_marginals = {k: v.cpu() for k, v in checkpoint[PROCESS_MARGINALS_KEY].items()}
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
-
-    def on_fit_start(self) -> None:
-        """Log the hyperparameters that define the run, beside its metrics (TensorBoard HPARAMS)."""
-        log_run_hparams(self, self.net, RUN_METRICS)

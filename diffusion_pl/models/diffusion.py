@@ -6,24 +6,20 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import lightning.pytorch as pl
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
 from torch import Tensor, nn
 
 from diffusion_pl.conditioning import Conditioner
-from diffusion_pl.core.seeds import evaluation_seed
-from diffusion_pl.core.spec import build, factory, keep_described, spec_of
+from diffusion_pl.core.seeds import predict_seed
+from diffusion_pl.core.spec import build
 from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.data import calibration_batches
 from diffusion_pl.guidance import Guidance
 from diffusion_pl.likelihood import Likelihood
 from diffusion_pl.losses import DenoisingLoss, SimpleLoss
-from diffusion_pl.models.checkpointing import CheckpointChecks, non_finite_error
-from diffusion_pl.models.hparams import log_run_hparams
-from diffusion_pl.models.lr_schedule import configure_optimization, default_adam
+from diffusion_pl.models.base import PartsModule
+from diffusion_pl.models.checkpointing import non_finite_error
 from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
 from diffusion_pl.parameterization import (
     DenoiseFn,
@@ -40,11 +36,14 @@ log = logging.getLogger(__name__)
 
 #: The injected parts; a checkpoint stores each as a spec, so ``load_from_checkpoint`` rebuilds them.
 PARTS = ("net", "process", "sampler", "loss", "conditioner", "guidance", "first_stage", "likelihood", "predict_task")
-#: The metrics shown beside the hyperparameters in TensorBoard's HPARAMS view.
-RUN_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid")
 
 
-class DiffusionModule(CheckpointChecks, pl.LightningModule):
+def default_adam(params: Any) -> torch.optim.Optimizer:
+    """Adam with lr 2e-4 (Ho et al. 2020, App. B)."""
+    return torch.optim.Adam(params, lr=2e-4)
+
+
+class DiffusionModule(PartsModule):
     """A denoising diffusion model (Ho et al. 2020) of any family, from injected parts.
 
     Args:
@@ -74,6 +73,7 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
     #: What the weights mean; the sampler, guidance, likelihood, loss and optimizer may differ from the checkpoint.
     MUST_MATCH = ("net", "process", "prediction", "learned_variance", "first_stage", "conditioner", "image_size",
                   "channels")
+    RUN_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid")
 
     def __init__(
         self,
@@ -106,18 +106,18 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         self.first_stage = (first_stage if first_stage is not None else IdentityStage()).requires_grad_(False)
         self.likelihood = likelihood if likelihood is not None else Likelihood()
         self.predict_task = predict_task
-        self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(lr_scheduler)
         self.sampler.check(process)
         self.likelihood.check(process)
         if prediction == "eps" and not self.first_stage.clips_to_data_range:
             warn_unclipped_eps(process)
         if conditioner is not None:
             conditioner.check_net(net)
-        self.save_hyperparameters(ignore=list(PARTS), logger=False)
-        keep_described(self.hparams, ("optimizer", "lr_scheduler"))
-        self.hparams.update({name: spec_of(part) for name, part in zip(PARTS, (
-            net, process, self.sampler, self.loss_fn, conditioner, self.guidance, self.first_stage, self.likelihood,
-            predict_task))})
+        self.register_parts(dict(zip(PARTS, (net, process, self.sampler, self.loss_fn, conditioner, self.guidance,
+                                             self.first_stage, self.likelihood, predict_task))), optimizer, lr_scheduler)
+
+    @property
+    def trained(self) -> nn.Module:
+        return self.denoiser
 
     @property
     def process(self) -> ForwardProcess:
@@ -150,8 +150,8 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
     def _evaluate(self, batch: dict[str, Any], batch_idx: int, stage: str) -> None:
         """Log ``<stage>/loss`` and the likelihood metrics. Noise comes from a generator seeded by (batch, rank):
         comparable across evaluations, and the global RNG is untouched (exact resume)."""
-        seed = evaluation_seed(batch_idx, self.global_rank)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
+        seed = self.evaluation_seed(batch_idx)
+        generator = self.evaluation_generator(batch_idx)
         latents, cond = self.first_stage.encode(batch["image"]), self.condition(batch)
         metrics = {"loss": self.loss_fn(self.denoiser, latents, generator=generator, **cond).mean()}
         metrics.update(self.likelihood.metrics(stage, self.denoiser, cond, latents, generator, seed))
@@ -163,18 +163,6 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         checkpoints check every weight before they are written (``CheckpointChecks``)."""
         if self.global_step % max(1, self.trainer.log_every_n_steps) == 0 and not torch.isfinite(loss):
             raise non_finite_error(f"training loss is {loss.item()}", self.global_step)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
-
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
-        """Lightning's clipping; without loss scaling (bf16-mixed, 32-bit) also for fused optimizers (``fused: true``),
-        which Lightning's mixed-precision plugin refuses even when it has no grad scaler to unscale."""
-        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
-            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
-        Precision().clip_gradients(optimizer, gradient_clip_val or 0.0, algorithm)
 
     # ------------------------------------------------------------------ the sampling protocol of callbacks
 
@@ -233,7 +221,7 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
         sampler's step noise comes from a generator seeded by the batch's first seed.
         """
         seeds = batch["seed"].tolist()
-        generator = torch.Generator(device=self.device).manual_seed(int(seeds[0]) * 7919 + 1)
+        generator = torch.Generator(device=self.device).manual_seed(predict_seed(int(seeds[0])))
         if self.predict_task is not None:
             return self.predict_task(self, batch, generator)
         noise = seeded_noise(self.process, self.latent_shape, seeds).to(self.device)
@@ -244,7 +232,7 @@ class DiffusionModule(CheckpointChecks, pl.LightningModule):
     def on_fit_start(self) -> None:
         """Log the hyperparameters that define the run, beside its metrics (TensorBoard HPARAMS); let the first stage
         estimate what it needs from the training images of all processes (a latent scale, unless resumed)."""
-        log_run_hparams(self, self.denoiser, RUN_METRICS)
+        super().on_fit_start()
         num_images = self.first_stage.calibration_images
         if num_images:
             batches = calibration_batches(self.trainer.datamodule, num_images)

@@ -4,11 +4,9 @@ cosine decay; injected as LightningCLI's ``LRSchedulerCallable``."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Literal
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 
 Decay = Literal["constant", "cosine"]
 
@@ -47,22 +45,3 @@ class WarmupLR(torch.optim.lr_scheduler.LambdaLR):
 
     def multiplier(self, step: int) -> float:
         return warmup_multiplier(step, self.warmup_steps, self.decay, self.total_steps)
-
-
-def default_adam(params: Any) -> torch.optim.Optimizer:
-    """Adam with lr 2e-4 (Ho et al. 2020, App. B)."""
-    return torch.optim.Adam(params, lr=2e-4)
-
-
-def configure_optimization(module: pl.LightningModule, optimizer: OptimizerCallable,
-                           lr_scheduler: LRSchedulerCallable | None) -> dict[str, Any]:
-    """``configure_optimizers`` of every module: the optimizer over the trainable parameters and, when given, the
-    schedule stepped every optimizer step; a ``total_steps`` left None is the trainer's total."""
-    opt = optimizer([p for p in module.parameters() if p.requires_grad])
-    if lr_scheduler is None:
-        return {"optimizer": opt}
-    scheduler = lr_scheduler(opt)
-    if getattr(scheduler, "total_steps", 0) is None:
-        total = module.trainer.estimated_stepping_batches
-        scheduler.total_steps = int(total) if math.isfinite(total) else None
-    return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

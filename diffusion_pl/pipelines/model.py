@@ -8,13 +8,11 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.seeds import derived_seed
 from diffusion_pl.nets.first_stage import FirstStage
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers import ProjectFn, Sampler
-
-#: Odd 64-bit constant (the golden ratio's) mixing a seed with a stream number.
-_MIX_STREAM = 0x9E3779B97F4A7C15
 
 DenoiserWrapper = Callable[[DenoiseFn, ForwardProcess], DenoiseFn]
 
@@ -46,7 +44,7 @@ def seeded_noise(process: ForwardProcess, shape: tuple[int, ...], seeds: list[in
     """Prior noise of shape (len(seeds), *shape), item i drawn on the CPU from its own seed (mixed with ``stream``
     for a second draw per seed, e.g. a cascade's later stage), so an image depends only on its seed."""
     return torch.cat([process.prior_sample((1, *shape), generator=torch.Generator().manual_seed(
-        seed if stream == 0 else (seed * _MIX_STREAM + stream) % (1 << 63))) for seed in seeds])
+        seed if stream == 0 else derived_seed(seed, stream))) for seed in seeds])
 
 
 def sampling_process(model: SamplingModel) -> ForwardProcess:
