@@ -32,11 +32,18 @@ from diffusion_pl.processes import (
     SubVPSDE,
 )
 from diffusion_pl.samplers import (
+    DDIM,
+    DDPM,
+    ODE,
     DPMSolverPP,
+    DPMSolverPPSDE,
+    EDMStochastic,
     Euler,
+    EulerMaruyama,
     Heun,
     Karras,
     LogSNR,
+    PredictorCorrector,
     Sampler,
     TimeGrid,
     Trailing,
@@ -268,9 +275,9 @@ def test_parts_sample_like_their_function_with_a_projection_and_an_observer(samp
     assert len(calls) == evaluations and all(bool((t > 0).all()) for t in calls)
     seen: list[tuple[int, float]] = []
     set_first = lambda x, t: torch.cat([torch.zeros_like(x[:, :1]), x[:, 1:]], dim=1)  # noqa: E731
-    observed = function(den, process, x_T, grid=grid, project=set_first,
-                        on_step=lambda i, t, x, x0: seen.append((i, float(t[0]))))
-    assert torch.equal(observed, sampler.sample(den, process, x_T, project=set_first))
+    observed = sampler.sample(den, process, x_T, project=set_first,
+                              on_step=lambda i, t, x, x0: seen.append((i, float(t[0]))))
+    assert torch.equal(observed, function(den, process, x_T, grid=grid, project=set_first))
     assert bool((observed[:, 0] == 0).all())
     assert seen == [(i, float(grid[i + 1].float())) for i in range(10)]
 
@@ -438,3 +445,48 @@ def test_pipelines_inpaint_and_start_below_T_with_a_fast_sampler(sampler: Sample
     x, x_prime = torch.rand(1, 4, 4) * 2 - 1, torch.rand(1, 4, 4) * 2 - 1
     ends = interpolate(model, x, x_prime, torch.tensor([0.0, 1.0]), t=0.02, generator=torch.Generator().manual_seed(1))
     assert float((ends[0] - x).abs().mean()) < 0.06 and float((ends[1] - x_prime).abs().mean()) < 0.06
+
+
+OBSERVED_SAMPLERS = {
+    "DDPM": (DDPM(), "discrete"), "DDIM": (DDIM(20), "discrete"), "DDIM eta=1": (DDIM(20, eta=1.0), "discrete"),
+    "Euler": (Euler(8), "discrete"), "Heun": (Heun(8), "vp"), "DPMSolverPP": (DPMSolverPP(8), "vp"),
+    "EDMStochastic": (EDMStochastic(8, s_churn=10.0), "vp"), "DPMSolverPPSDE": (DPMSolverPPSDE(8), "discrete"),
+    "EulerMaruyama": (EulerMaruyama(20), "vp"), "PredictorCorrector": (PredictorCorrector(10), "vp"),
+    "ODE heun": (ODE("heun", steps=10), "vp"),
+}
+
+
+@pytest.mark.parametrize("name", OBSERVED_SAMPLERS)
+def test_every_sampler_reports_each_step_without_changing_the_sample(name: str) -> None:
+    """``on_step(i, t, x, x0_hat)`` is called once per step in order with decreasing times (PC reports its predictor
+    and corrector moves, two per time); the last x it sees is the sample; x0_hat is the denoiser's estimate at the
+    step's start (the exact one at x_T, except where EDM's churn first raises the noise); and with the same generator
+    the sample is bit-identical without the observer."""
+    sampler, kind = OBSERVED_SAMPLERS[name]
+    process = DiscreteProcess(100, "cosine") if kind == "discrete" else VPSDE()
+    process = sampler.sampling_process(process)
+    den = gaussian_denoiser(MEAN.float(), STD.float(), process)
+    x_T = process.prior_sample((6, 3), generator=torch.Generator().manual_seed(4))
+    steps: list[tuple[int, float, Tensor, Tensor]] = []
+    observed = sampler.sample(den, process, x_T, generator=torch.Generator().manual_seed(5),
+                              on_step=lambda i, t, x, x0: steps.append((i, float(t[0]), x.clone(), x0.clone())))
+    plain = sampler.sample(den, process, x_T, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(observed, plain)
+    assert [i for i, *_ in steps] == list(range(len(steps))) and len(steps) >= 8
+    times = [t for _, t, *_ in steps]
+    per_time = 2 if isinstance(sampler, PredictorCorrector) else 1
+    assert all(a >= b for a, b in zip(times, times[1:])) and times[0] > times[-1], times
+    assert max(times.count(t) for t in times) == per_time, times
+    assert torch.equal(steps[-1][2], plain)
+    if not isinstance(sampler, EDMStochastic):
+        expected = den(x_T, torch.full((6,), float(sampler.grid(process)[0]))).x0
+        torch.testing.assert_close(steps[0][3], expected)
+    assert not torch.equal(steps[0][3], steps[-1][3])
+
+
+def test_an_adaptive_ode_refuses_an_observer() -> None:
+    """rk45 chooses its own steps and takes no per-step hook: the error names the fixed-step methods."""
+    process = VPSDE()
+    den = gaussian_denoiser(MEAN.float(), STD.float(), process)
+    with pytest.raises(ValueError, match="method='heun'"):
+        ODE("rk45").sample(den, process, process.prior_sample((2, 3)), on_step=lambda *step: None)

@@ -366,3 +366,45 @@ def test_predict_images_errors_say_what_is_wrong(tmp_path: Path) -> None:
     data = load_predict_images(str(tmp_path / "rgb.npz"), 3)
     np.testing.assert_array_equal(data.images.permute(0, 2, 3, 1).numpy(), rgb)
     assert data.labels.tolist() == [3, 4]
+
+
+def test_predict_trajectory_shows_each_seed_forming_and_leaves_the_samples_as_they_are(tmp_path: Path,
+                                                                                      tiny_checkpoint: Path) -> None:
+    """The Trajectory task writes each seed's states at evenly spaced steps (N x frames x H x W x C) beside samples
+    identical to a plain predict of the same seeds (the observer changes nothing); the frames go from the first step's
+    noisy state to the sample. (A 2-step model's x0 estimates saturate; test_fast_samplers checks x0_hat exactly.)"""
+    from diffusion_pl.cli import build_cli
+
+    out = predict_overlay(tmp_path / "trajectory", tiny_checkpoint, "trajectory.yaml",
+                          "--data.init_args.predict_num_samples=4", "--model.init_args.predict_task.frames=3",
+                          "--model.init_args.predict_task.show=x")
+    build_cli(["predict", *tiny_args_for_predict(tmp_path / "plain", tiny_checkpoint,
+                                                 "--data.init_args.predict_num_samples=4")])
+    with np.load(next((tmp_path / "plain").rglob("samples.npz"))) as plain:
+        assert np.array_equal(out["samples"], plain["samples"])
+    trajectory = out["trajectory"]
+    assert trajectory.shape == (4, 3, 8, 8, 1) and trajectory.dtype == np.uint8
+    assert np.array_equal(trajectory[:, -1], out["samples"])
+    assert not np.array_equal(trajectory[:, 0], trajectory[:, -1])
+
+
+def tiny_args_for_predict(root: Path, ckpt: Path, *extra: str) -> list[str]:
+    """A tiny ``predict`` of ``ckpt`` with the model's own config (no overlay)."""
+    from helpers import tiny_args
+
+    return tiny_args(root, "--model.init_args.sampler.steps=5", *extra, "--ckpt_path", str(ckpt))
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 7, 16, 17, 100, 1000])
+def test_step_keeper_spreads_its_frames_over_the_whole_run(length: int) -> None:
+    """Whatever the run's length, the frames start at its first step, end at its last, keep order and are spread
+    over the run (no gap above twice the even spacing), holding at most 2 x frames + 1 steps."""
+    from diffusion_pl.pipelines.trajectory import StepKeeper
+
+    keeper = StepKeeper(frames=5)
+    for step in range(length):
+        keeper(step, torch.tensor(step))
+        assert len(keeper.kept) <= 2 * 5
+    steps = [int(value) for value in keeper.evenly()]
+    assert len(steps) == 5 and steps[0] == 0 and steps[-1] == length - 1 and steps == sorted(steps)
+    assert max(b - a for a, b in zip(steps, steps[1:])) <= max(1, 2 * (length - 1) / 4 + 1)

@@ -31,14 +31,14 @@ def save_png(image: Tensor, path: str | Path) -> Path:
 
 def save_npz(images: Tensor, path: str | Path, **conditions: Tensor | list[str]) -> Path:
     """Write uint8 images as ``samples`` (N, H, W, C) in an .npz, the layout FID tools expect, atomically, with each
-    image's conditions beside them (e.g. ``labels``, its target class, (N,); images among them also as N, H, W, C;
-    text such as ``prompts`` as a string array).
+    image's conditions beside them (e.g. ``labels``, its target class, (N,); images among them also channel last,
+    e.g. N, H, W, C or a trajectory's N, F, H, W, C; text such as ``prompts`` as a string array).
 
     Raises:
         WriteError: A full disk or read-only folder: nothing partial is left, a previous file stays.
     """
     arrays = {"samples": images.permute(0, 2, 3, 1).cpu().numpy()}
-    arrays.update({name: ((value.permute(0, 2, 3, 1) if value.ndim == 4 else value).cpu().numpy()
+    arrays.update({name: ((value.movedim(-3, -1) if value.ndim >= 4 else value).cpu().numpy()
                           if isinstance(value, Tensor) else np.asarray(value, dtype=str))
                    for name, value in conditions.items()})
     buffer = io.BytesIO()

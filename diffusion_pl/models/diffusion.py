@@ -30,7 +30,7 @@ from diffusion_pl.parameterization import (
 )
 from diffusion_pl.pipelines import PredictTask, seeded_noise
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.samplers import DDPM, Sampler
+from diffusion_pl.samplers import DDPM, OnStepFn, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -200,8 +200,9 @@ class DiffusionModule(PartsModule):
     @torch.no_grad()
     def sample(self, num_samples: int | None = None, *, batch: dict[str, Any] | None = None,
                noise: Tensor | None = None, generator: torch.Generator | None = None,
-               progress: bool = False) -> Tensor:
-        """Images in [-1, 1] from ``noise`` (or fresh prior noise), conditioned and guided by ``batch``."""
+               progress: bool = False, on_step: OnStepFn | None = None) -> Tensor:
+        """Images in [-1, 1] from ``noise`` (or fresh prior noise), conditioned and guided by ``batch``; ``on_step``
+        observes each step of the sampler in the space it samples (latents for latent diffusion)."""
         if noise is None:
             if num_samples is None:
                 raise ValueError("sample() needs num_samples or noise")
@@ -209,7 +210,7 @@ class DiffusionModule(PartsModule):
                                               device=self.device)
         process = self.sampler.sampling_process(self.process)
         latents = self.sampler.sample(self.sampling_denoiser(process, batch or {}, generator), process, noise,
-                                      generator=generator, progress=progress)
+                                      generator=generator, progress=progress, on_step=on_step)
         return self.first_stage.decode(latents)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> dict[str, Tensor]:

@@ -12,7 +12,7 @@ from diffusion_pl.core.seeds import derived_seed
 from diffusion_pl.nets.first_stage import FirstStage
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.samplers import ProjectFn, Sampler
+from diffusion_pl.samplers import OnStepFn, ProjectFn, Sampler
 
 DenoiserWrapper = Callable[[DenoiseFn, ForwardProcess], DenoiseFn]
 
@@ -36,8 +36,9 @@ class GenerativeModel(SamplingModel, Protocol):
     latent_shape: tuple[int, int, int]
 
     def sample(self, num_samples: int | None = None, *, batch: dict[str, Any] | None = None,
-               noise: Tensor | None = None, generator: torch.Generator | None = None) -> Tensor:
-        """Images in [-1, 1] from ``noise``, conditioned and guided by ``batch``."""
+               noise: Tensor | None = None, generator: torch.Generator | None = None,
+               on_step: OnStepFn | None = None) -> Tensor:
+        """Images in [-1, 1] from ``noise``, conditioned and guided by ``batch``; ``on_step`` observes each step."""
 
 
 def seeded_noise(process: ForwardProcess, shape: tuple[int, ...], seeds: list[int], stream: int = 0) -> Tensor:

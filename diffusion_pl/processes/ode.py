@@ -146,7 +146,7 @@ def integrate_ode(fn: ODEFn, x: Tensor, t0: float, t1: float, *, method: ODEMeth
     """
     check_ode_method(method)
     if method == "rk45" and project is not None:
-        raise ValueError("a per-step projection needs a fixed-step ODE method: use method='heun' or 'euler' "
+        raise ValueError("a per-step projection or observer needs a fixed-step ODE method: use method='heun' or 'euler' "
                          "(rk45 adapts its steps to an error estimate that a projection would invalidate)")
     stats = {} if stats is None else stats
     if method == "rk45":

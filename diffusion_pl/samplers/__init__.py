@@ -19,12 +19,7 @@ from diffusion_pl.samplers.configs import (
 )
 from diffusion_pl.samplers.ddim import invert_ddim, sample_ddim
 from diffusion_pl.samplers.ddpm import ddpm_step, sample_ddpm
-from diffusion_pl.samplers.edm import (
-    OnStepFn,
-    sample_dpmpp_2m,
-    sample_euler,
-    sample_heun,
-)
+from diffusion_pl.samplers.edm import sample_dpmpp_2m, sample_euler, sample_heun
 from diffusion_pl.samplers.edm_sde import sample_dpmpp_2m_sde, sample_edm_stochastic
 from diffusion_pl.samplers.grids import (
     append_zero,
@@ -33,6 +28,7 @@ from diffusion_pl.samplers.grids import (
     strided_grid,
     strided_steps,
 )
+from diffusion_pl.samplers.observe import OnStepFn, observed
 from diffusion_pl.samplers.ode import encode_ode, sample_ode
 from diffusion_pl.samplers.sde import sample_euler_maruyama, sample_pc
 from diffusion_pl.samplers.timegrids import Karras, LogSNR, TimeGrid, Trailing, Uniform
@@ -43,5 +39,5 @@ __all__ = [
     "sample_euler_maruyama", "sample_ode", "sample_pc", "sde_times", "strided_grid", "strided_steps",
     "DPMSolverPP", "Euler", "Heun", "Karras", "LogSNR", "OnStepFn", "TimeGrid", "Trailing", "Uniform",
     "sample_dpmpp_2m", "sample_euler", "sample_heun", "DPMSolverPPSDE", "EDMStochastic", "sample_dpmpp_2m_sde",
-    "sample_edm_stochastic",
+    "sample_edm_stochastic", "observed",
 ]

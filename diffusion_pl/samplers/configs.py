@@ -40,6 +40,7 @@ from diffusion_pl.samplers.grids import (
     strided_grid,
     strided_steps,
 )
+from diffusion_pl.samplers.observe import OnStepFn, observed
 from diffusion_pl.samplers.ode import sample_ode
 from diffusion_pl.samplers.sde import (
     Predictor,
@@ -76,7 +77,7 @@ class Sampler(Configurable, abc.ABC):
 
     def sample(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, grid: Tensor | None = None,
                generator: torch.Generator | None = None, progress: bool = False,
-               project: ProjectFn | None = None) -> Tensor:
+               project: ProjectFn | None = None, on_step: OnStepFn | None = None) -> Tensor:
         """Run the sampler from ``x_T`` down ``grid`` (default :meth:`grid`) on the sampling process.
 
         Args:
@@ -87,11 +88,15 @@ class Sampler(Configurable, abc.ABC):
             generator: Random generator on x_T's device.
             progress: Show a progress bar.
             project: Optional (x, t) -> x applied after every step (inpainting by replacement).
+            on_step: Optional observer (i, t, x, x0_hat) of every step (:data:`~diffusion_pl.samplers.observe.OnStepFn`);
+                the sample is the same with or without it.
 
         Returns:
             The sample.
         """
         self.check(process)
+        if on_step is not None:
+            denoise, project = observed(denoise, project, on_step)
         return self._run(denoise, process, x_T, self._grid(process) if grid is None else grid, generator, progress,
                          project)
 

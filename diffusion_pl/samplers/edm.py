@@ -12,7 +12,7 @@ x(0), not a noise level to stop at). Steps to sigma~ = 0 are first order: x = D 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -24,22 +24,17 @@ from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers.grids import grid_pairs
 
-OnStepFn = Callable[[int, Tensor, Tensor, Tensor], None]
-"""(i, t, x, x0_hat) -> None, called after step i: t the (B,) time reached, x the sample there (after any
-projection), x0_hat the denoiser's data estimate at the step's start. Observe only: it must not change x."""
-
-
 def noise_level(process: ForwardProcess, t: Tensor) -> tuple[Tensor, Tensor]:
     """(alpha(t), sigma~(t) = sigma(t) / alpha(t)), each (B,); sigma~ = 0 at t = 0 (the data)."""
     alpha = process.alpha(t)
     return alpha, torch.where(t == 0, torch.zeros_like(alpha), process.sigma(t) / alpha)
 
 
-def _steps(grid: Tensor, name: str, x_T: Tensor, progress: bool) -> Iterator[tuple[int, Tensor, Tensor]]:
-    """(i, t, s) for the consecutive grid times t > s, as (B,) tensors in x_T's dtype."""
+def _steps(grid: Tensor, name: str, x_T: Tensor, progress: bool) -> Iterator[tuple[Tensor, Tensor]]:
+    """(t, s) for the consecutive grid times t > s, as (B,) tensors in x_T's dtype."""
     pairs = grid_pairs(grid, name)
-    for i, (t_step, s_step) in enumerate(maybe_progress(pairs, progress, total=len(pairs), desc=name)):
-        yield i, _full(x_T, t_step), _full(x_T, s_step)
+    for t_step, s_step in maybe_progress(pairs, progress, total=len(pairs), desc=name):
+        yield _full(x_T, t_step), _full(x_T, s_step)
 
 
 def _full(x: Tensor, time: float) -> Tensor:
@@ -51,19 +46,14 @@ def _denoised(denoise: DenoiseFn, process: ForwardProcess, x_tilde: Tensor, t: T
     return denoise(append_dims(process.alpha(t), x_tilde.ndim) * x_tilde, t).x0
 
 
-def _finish(x: Tensor, i: int, s: Tensor, x0_hat: Tensor, project: ProjectFn | None,
-            on_step: OnStepFn | None) -> Tensor:
-    """Apply the projection at the time s just reached, then report the step."""
-    if project is not None:
-        x = project(x, s)
-    if on_step is not None:
-        on_step(i, s, x, x0_hat)
-    return x
+def _finish(x: Tensor, s: Tensor, project: ProjectFn | None) -> Tensor:
+    """Apply the projection at the time s just reached."""
+    return x if project is None else project(x, s)
 
 
 @torch.no_grad()
 def sample_euler(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, grid: Tensor,
-                 project: ProjectFn | None = None, on_step: OnStepFn | None = None,
+                 project: ProjectFn | None = None,
                  generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Euler's method on the ODE in sigma~ (Karras et al. 2022, Alg. 1 without its correction):
     x~_s = x~_t + (sigma~_s - sigma~_t)(x~_t - D_t) / sigma~_t
@@ -78,7 +68,6 @@ def sample_euler(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gr
         x_T: Sample at the grid's first time.
         grid: Strictly decreasing times t_0 > ... > t_end >= 0 (float, or integer steps); output at t_end.
         project: Optional (x, s) -> x applied after every step (inpainting by replacement).
-        on_step: Optional observer :data:`OnStepFn`.
         generator: Unused (the solver is deterministic); taken for a uniform signature.
         progress: Show a progress bar.
 
@@ -86,41 +75,41 @@ def sample_euler(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gr
         The sample at the grid's last time.
     """
     x = x_T
-    for i, t, s in _steps(grid, "Euler", x_T, progress):
+    for t, s in _steps(grid, "Euler", x_T, progress):
         (alpha_t, sigma_t), (alpha_s, sigma_s) = noise_level(process, t), noise_level(process, s)
         x0_hat = denoise(x, t).x0
         ratio = append_dims(sigma_s / sigma_t, x.ndim)
         x = append_dims(alpha_s, x.ndim) * (ratio * x / append_dims(alpha_t, x.ndim) + (1 - ratio) * x0_hat)
-        x = _finish(x, i, s, x0_hat, project, on_step)
+        x = _finish(x, s, project)
     return x
 
 
 @torch.no_grad()
 def sample_heun(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, grid: Tensor,
-                project: ProjectFn | None = None, on_step: OnStepFn | None = None,
+                project: ProjectFn | None = None,
                 generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 1): with d(x~, t) = (x~ - D(x~; sigma~_t)) / sigma~_t,
     the Euler proposal x~' = x~_t + (sigma~_s - sigma~_t) d(x~_t, t) is corrected to
     x~_s = x~_t + (sigma~_s - sigma~_t)(d(x~_t, t) + d(x~', s)) / 2, except on a last step to sigma~_s = 0, which
     stays Euler (x = D). Two evaluations per step (one on the last); the error falls like 1/N^2.
 
-    Args: as :func:`sample_euler` (``on_step`` gets the first evaluation's data estimate).
+    Args: as :func:`sample_euler`.
 
     Returns:
         The sample at the grid's last time.
     """
     x = x_T
-    for i, t, s in _steps(grid, "Heun", x_T, progress):
+    for t, s in _steps(grid, "Heun", x_T, progress):
         alpha_t, sigma_t = noise_level(process, t)
-        x_tilde, x0_hat = heun_step(denoise, process, x / append_dims(alpha_t, x.ndim), t, sigma_t, s)
-        x = _finish(append_dims(process.alpha(s), x.ndim) * x_tilde, i, s, x0_hat, project, on_step)
+        x_tilde = heun_step(denoise, process, x / append_dims(alpha_t, x.ndim), t, sigma_t, s)
+        x = _finish(append_dims(process.alpha(s), x.ndim) * x_tilde, s, project)
     return x
 
 
 def heun_step(denoise: DenoiseFn, process: ForwardProcess, x_tilde: Tensor, t: Tensor, sigma_t: Tensor,
-              s: Tensor) -> tuple[Tensor, Tensor]:
+              s: Tensor) -> Tensor:
     """One step of Karras et al. 2022, Alg. 1 (lines 4-8) from x~ at time t (noise level ``sigma_t``) to time s:
-    (x~_s, the data estimate at t)."""
+    x~_s."""
     sigma_s = noise_level(process, s)[1]
     x0_hat = _denoised(denoise, process, x_tilde, t)
     slope = (x_tilde - x0_hat) / append_dims(sigma_t, x_tilde.ndim)
@@ -129,12 +118,12 @@ def heun_step(denoise: DenoiseFn, process: ForwardProcess, x_tilde: Tensor, t: T
     if bool((sigma_s > 0).all()):
         corrected = (proposal - _denoised(denoise, process, proposal, s)) / append_dims(sigma_s, x_tilde.ndim)
         proposal = x_tilde + step * 0.5 * (slope + corrected)
-    return proposal, x0_hat
+    return proposal
 
 
 @torch.no_grad()
 def sample_dpmpp_2m(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, grid: Tensor,
-                    project: ProjectFn | None = None, on_step: OnStepFn | None = None,
+                    project: ProjectFn | None = None,
                     generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2), data prediction, multistep, in lambda = -log sigma~:
     with h = lambda_s - lambda_t = log(sigma~_t / sigma~_s),
@@ -151,20 +140,20 @@ def sample_dpmpp_2m(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *,
         The sample at the grid's last time.
     """
     return dpmpp_2m_loop(denoise, process, x_T, grid, "DPM-Solver++(2M)", eta=0.0, s_noise=0.0, project=project,
-                         on_step=on_step, generator=generator, progress=progress)
+                         generator=generator, progress=progress)
 
 
 def dpmpp_2m_loop(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor, name: str, *, eta: float,
-                  s_noise: float, project: ProjectFn | None, on_step: OnStepFn | None,
+                  s_noise: float, project: ProjectFn | None,
                   generator: torch.Generator | None, progress: bool) -> Tensor:
     """The steps of DPM-Solver++(2M) and its SDE form (eta = 0: :func:`sample_dpmpp_2m`; eta > 0:
     :func:`~diffusion_pl.samplers.edm_sde.sample_dpmpp_2m_sde`, whose docstring has the update)."""
     x, previous = x_T, None  # previous: (D_prev, h_prev)
-    for i, t, s in _steps(grid, name, x_T, progress):
+    for t, s in _steps(grid, name, x_T, progress):
         (alpha_t, sigma_t), (alpha_s, sigma_s) = noise_level(process, t), noise_level(process, s)
         x0_hat = denoise(x, t).x0
         if not bool((sigma_s > 0).all()):
-            x = _finish(append_dims(alpha_s, x.ndim) * x0_hat, i, s, x0_hat, project, on_step)
+            x = _finish(append_dims(alpha_s, x.ndim) * x0_hat, s, project)
             continue
         h = (sigma_t / sigma_s).log()
         data = x0_hat
@@ -176,6 +165,6 @@ def dpmpp_2m_loop(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid
         if eta > 0:
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x_tilde = x_tilde + append_dims(sigma_s * (-torch.expm1(-2 * eta * h)).sqrt(), x.ndim) * s_noise * noise
-        x = _finish(append_dims(alpha_s, x.ndim) * x_tilde, i, s, x0_hat, project, on_step)
+        x = _finish(append_dims(alpha_s, x.ndim) * x_tilde, s, project)
         previous = (x0_hat, h)
     return x

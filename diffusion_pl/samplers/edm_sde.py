@@ -14,7 +14,6 @@ from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers.edm import (
-    OnStepFn,
     _finish,
     _steps,
     dpmpp_2m_loop,
@@ -43,7 +42,7 @@ def churn(sigma: float, steps: int, s_churn: float, s_tmin: float, s_tmax: float
 @torch.no_grad()
 def sample_edm_stochastic(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, grid: Tensor,
                           s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float | None = None,
-                          s_noise: float = 1.0, project: ProjectFn | None = None, on_step: OnStepFn | None = None,
+                          s_noise: float = 1.0, project: ProjectFn | None = None,
                           generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """EDM's stochastic sampler (Karras et al. 2022, Alg. 2): before each Heun step from sigma~_i, raise the noise
     level to sigma^_i = (1 + gamma_i) sigma~_i by adding sqrt(sigma^_i^2 - sigma~_i^2) S_noise z, then take the
@@ -54,7 +53,7 @@ def sample_edm_stochastic(denoise: DenoiseFn, process: ForwardProcess, x_T: Tens
     net is not trained above it), which shrinks gamma on a first step that starts there.
 
     Args:
-        denoise, process, x_T, grid, project, on_step, progress: As :func:`~diffusion_pl.samplers.edm.sample_euler`.
+        denoise, process, x_T, grid, project, progress: As :func:`~diffusion_pl.samplers.edm.sample_euler`.
         s_churn: S_churn, the total stochasticity (gamma_i = min(S_churn / N, sqrt(2) - 1)).
         s_tmin, s_tmax: The range of sigma~ in which noise is added (s_tmax None: no upper bound).
         s_noise: S_noise, the added noise's standard deviation (slightly above 1 offsets the denoiser's bias).
@@ -66,7 +65,7 @@ def sample_edm_stochastic(denoise: DenoiseFn, process: ForwardProcess, x_T: Tens
     check_churn(s_churn, s_tmin, s_tmax, s_noise)
     steps, top = len(grid) - 1, sigma_range(process)[1] if s_churn > 0 else math.inf
     x = x_T
-    for i, t, s in _steps(grid, "EDM", x_T, progress):
+    for t, s in _steps(grid, "EDM", x_T, progress):
         alpha_t, sigma_t = noise_level(process, t)
         x_tilde = x / append_dims(alpha_t, x.ndim)
         gamma = churn(float(sigma_t[0]), steps, s_churn, s_tmin, s_tmax)
@@ -77,14 +76,14 @@ def sample_edm_stochastic(denoise: DenoiseFn, process: ForwardProcess, x_T: Tens
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
             x_tilde = x_tilde + append_dims((sigma_hat**2 - sigma_t**2).clamp(min=0).sqrt(), x.ndim) * s_noise * noise
             sigma_t = sigma_hat
-        x_tilde, x0_hat = heun_step(denoise, process, x_tilde, t, sigma_t, s)
-        x = _finish(append_dims(process.alpha(s), x.ndim) * x_tilde, i, s, x0_hat, project, on_step)
+        x_tilde = heun_step(denoise, process, x_tilde, t, sigma_t, s)
+        x = _finish(append_dims(process.alpha(s), x.ndim) * x_tilde, s, project)
     return x
 
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, grid: Tensor, eta: float = 1.0,
-                        s_noise: float = 1.0, project: ProjectFn | None = None, on_step: OnStepFn | None = None,
+                        s_noise: float = 1.0, project: ProjectFn | None = None,
                         generator: torch.Generator | None = None, progress: bool = False) -> Tensor:
     """DPM-Solver++(2M) SDE (Lu et al. 2022b, Sec. 5; the midpoint form of k-diffusion's sample_dpmpp_2m_sde): with
     h = log(sigma~_t / sigma~_s) and data estimates D_t, D_prev (r = h_prev / h),
@@ -96,7 +95,7 @@ def sample_dpmpp_2m_sde(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor
     discretized exactly in its linear part; eta = 0 is DPM-Solver++(2M).
 
     Args:
-        denoise, process, x_T, grid, project, on_step, progress: As :func:`~diffusion_pl.samplers.edm.sample_euler`.
+        denoise, process, x_T, grid, project, progress: As :func:`~diffusion_pl.samplers.edm.sample_euler`.
         eta: Stochasticity in [0, 1].
         s_noise: Scale of the added noise.
         generator: Random generator of the added noise, on x_T's device.
@@ -107,4 +106,4 @@ def sample_dpmpp_2m_sde(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"DPM-Solver++(2M) SDE eta must be in [0, 1], got {eta}")
     return dpmpp_2m_loop(denoise, process, x_T, grid, "DPM-Solver++(2M) SDE", eta=eta, s_noise=s_noise,
-                         project=project, on_step=on_step, generator=generator, progress=progress)
+                         project=project, generator=generator, progress=progress)
