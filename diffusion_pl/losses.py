@@ -1,6 +1,8 @@
 """Training losses. Each is a small module in the paper's notation (cf. NVlabs/edm training/loss.py).
 
-A loss is called as ``loss(denoiser, x0, generator=None, **cond)`` and returns one value per sample.
+A loss is called as ``loss(denoiser, x0, generator=None, **cond)`` and returns one value per sample. Where the
+training times come from and how each time's error is weighted are parts of :class:`SimpleLoss`
+(:mod:`diffusion_pl.loss_parts`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from torch import Tensor, nn
 from diffusion_pl.core.spec import Configurable
 from diffusion_pl.core.tensors import mean_except_batch
 from diffusion_pl.likelihood.vlb import vlb_term
-from diffusion_pl.parameterization import Denoiser, Prediction, target_for
+from diffusion_pl.loss_parts import MinSNR, TimeDistribution, Weighting
+from diffusion_pl.parameterization import Denoiser, Prediction
 
-Weighting = Literal["none", "min_snr"]
+#: The weightings of earlier configs (``weighting: min_snr`` with ``min_snr_gamma``), mapped to parts.
+LegacyWeighting = Literal["none", "min_snr"]
 
 
 class DenoisingLoss(Configurable, nn.Module, abc.ABC):
@@ -43,39 +47,47 @@ class DenoisingLoss(Configurable, nn.Module, abc.ABC):
 
 
 class SimpleLoss(DenoisingLoss):
-    """L_simple = E_{t, x0, eps} || target - net(x_t, t) ||^2 (Ho et al. 2020, eq. 14 and Alg. 1).
-
-    The target follows the denoiser's parameterization (eps, x0 or v); mean over pixels per sample.
+    """L = E_{t, x0, eps} w(t) || target - F(x_t, t) ||^2, mean over pixels per sample; with the defaults L_simple
+    (Ho et al. 2020, eq. 14 and Alg. 1). The target is the parameterization's (eps, x0, v, velocity, EDM's F).
 
     Args:
-        weighting: "none" is L_simple. "min_snr" multiplies the x0-space error by min(SNR(t), gamma),
-            expressed in the network's own target (Hang et al. 2023, eq. 9).
-        min_snr_gamma: gamma of the min-SNR weighting.
+        times: Where the training times come from (default: the process's own, e.g. uniform steps);
+            ``LogNormalSigma`` (EDM), ``LogitNormal`` (Esser et al. 2024).
+        weighting: A weight lambda(t) of the x0 error, carried to the network's target by the parameterization
+            (w = lambda f^2, f its :meth:`~diffusion_pl.parameterization.Parameterization.x0_error_scale`):
+            ``MinSNR(gamma)`` (Hang et al. 2023), ``EDMWeighting(sigma_data)`` (Karras et al. 2022); None: w = 1.
+            The strings "none" / "min_snr" of earlier configs still work ("min_snr" with ``min_snr_gamma``).
+        min_snr_gamma: gamma of ``weighting: min_snr`` (earlier configs).
     """
 
-    def __init__(self, weighting: Weighting = "none", min_snr_gamma: float = 5.0) -> None:
+    def __init__(self, weighting: Weighting | LegacyWeighting | None = None, min_snr_gamma: float = 5.0,
+                 times: TimeDistribution | None = None) -> None:
         super().__init__()
-        if weighting not in ("none", "min_snr"):
-            raise ValueError(f"unknown loss weighting {weighting!r}; choose 'none' or 'min_snr'")
+        if isinstance(weighting, str):
+            if weighting not in ("none", "min_snr"):
+                raise ValueError(f"unknown loss weighting {weighting!r}; choose a Weighting part (MinSNR, "
+                                 "EDMWeighting), or 'none' or 'min_snr'")
+            weighting = MinSNR(min_snr_gamma) if weighting == "min_snr" else None
         self.weighting = weighting
-        self.min_snr_gamma = min_snr_gamma
+        self.times = times
+
+    def sample_t(self, denoiser: Denoiser, n: int, device: torch.device,
+                 generator: torch.Generator | None) -> tuple[Tensor, Tensor | float]:
+        if self.times is None:
+            return super().sample_t(denoiser, n, device, generator)
+        return self.times.sample(denoiser.process, n, device, generator), 1.0
 
     def per_sample(self, denoiser: Denoiser, x0: Tensor, eps: Tensor, x_t: Tensor, t: Tensor,
                    pred: Prediction) -> Tensor:
-        target = target_for(denoiser.kind, x0, eps, t, denoiser.process)
+        target = denoiser.parameterization.target(x0, eps, t, denoiser.process)
         return mean_except_batch((pred.raw.float() - target.float()) ** 2) * self.weight(denoiser, t)
 
     def weight(self, denoiser: Denoiser, t: Tensor) -> Tensor | float:
-        """Per-sample weight lambda(t) applied to the squared error in the network's target space."""
-        if self.weighting == "none":
+        """Per-sample weight w(t) of the squared error in the network's target space."""
+        if self.weighting is None:
             return 1.0
-        snr = (denoiser.process.alpha(t) / denoiser.process.sigma(t)) ** 2
-        clipped = snr.clamp(max=self.min_snr_gamma)
-        if denoiser.kind == "eps":
-            return clipped / snr
-        if denoiser.kind == "v":
-            return clipped / (snr + 1)
-        return clipped
+        scale = denoiser.parameterization.x0_error_scale(t, denoiser.process)
+        return self.weighting.x0_weight(t, denoiser.process) * scale**2
 
 
 def vlb_bits_per_dim(denoiser: Denoiser, x0: Tensor, x_t: Tensor, t: Tensor, pred: Prediction) -> Tensor:
@@ -88,7 +100,8 @@ class HybridLoss(SimpleLoss):
     variance (Nichol & Dhariwal 2021, Sec. 3.1). L_vlb = T E_t[L_{t-1}] in bits/dim, so the per-sample term is
     lambda T L_{t-1} (lambda = 0.001, i.e. improved-diffusion's T / 1000 factor). Needs a learned variance."""
 
-    def __init__(self, vlb_weight: float = 0.001, weighting: Weighting = "none", min_snr_gamma: float = 5.0) -> None:
+    def __init__(self, vlb_weight: float = 0.001, weighting: Weighting | LegacyWeighting | None = None,
+                 min_snr_gamma: float = 5.0) -> None:
         super().__init__(weighting, min_snr_gamma)
         self.vlb_weight = vlb_weight
 
@@ -96,7 +109,7 @@ class HybridLoss(SimpleLoss):
                    pred: Prediction) -> Tensor:
         if pred.log_var is None:
             raise ValueError("HybridLoss trains a learned variance: set the net's learn_sigma: true and the "
-                             "model's learned_variance: true, or use SimpleLoss")
+                             "model's parameterization: LearnedVariance, or use SimpleLoss")
         frozen_mean = Prediction(x0=pred.x0.detach(), eps=pred.eps.detach(), log_var=pred.log_var)
         vlb = vlb_bits_per_dim(denoiser, x0, x_t, t, frozen_mean)
         return super().per_sample(denoiser, x0, eps, x_t, t, pred) + self.vlb_weight * denoiser.process.num_steps * vlb

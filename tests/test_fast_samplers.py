@@ -31,6 +31,7 @@ from diffusion_pl.processes import (
     ForwardProcess,
     SubVPSDE,
 )
+from diffusion_pl.processes.noise_levels import edm_sigma, sigma_range, times_at_sigmas
 from diffusion_pl.samplers import (
     DDIM,
     DDPM,
@@ -56,12 +57,7 @@ from diffusion_pl.samplers import (
     sde_times,
     strided_grid,
 )
-from diffusion_pl.samplers.timegrids import (
-    EDM_SIGMA_MAX,
-    edm_sigma,
-    sigma_range,
-    times_at_sigmas,
-)
+from diffusion_pl.samplers.timegrids import EDM_SIGMA_MAX
 
 MEAN = torch.tensor([0.5, -0.3, 0.0], dtype=torch.float64)
 STD = torch.tensor([0.2, 0.5, 1.0], dtype=torch.float64)

@@ -16,7 +16,7 @@ from diffusion_pl.guidance import (
     classifier_guidance,
     log_prob_gradient,
 )
-from diffusion_pl.parameterization import DenoiseFn, Denoiser, Prediction, eps_from_x0
+from diffusion_pl.parameterization import DenoiseFn, Denoiser, Eps, Prediction, eps_from_x0
 from diffusion_pl.processes import VPSDE, DiscreteProcess, ForwardProcess
 from diffusion_pl.samplers import (
     sample_ddim,
@@ -132,7 +132,7 @@ class LabelNet(nn.Module):
 
 def test_batched_classifier_free_matches_two_passes(process: DiscreteProcess) -> None:
     torch.manual_seed(0)
-    denoiser = Denoiser(LabelNet(), process, "eps")
+    denoiser = Denoiser(LabelNet(), process, Eps())
     x_t, t = torch.randn(8, 2), torch.randint(1, 1001, (8,))
     y, null = torch.randint(0, 3, (8,)), torch.full((8,), 3)
     batched = batched_classifier_free(denoiser.bind(), 1.5, {"y": y}, {"y": null}, process)(x_t, t)

@@ -22,14 +22,14 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("conditioning",),
     ("guidance",),
     ("samplers",),
-    ("losses", "likelihood"),
+    ("losses", "loss_parts", "likelihood"),
     ("parameterization",),
     ("processes",),
     ("nets",),
     ("core",),
 )
 #: Usable from a notebook with a plain nn.Module: no Lightning below these layers' tops (DESIGN.md).
-LIGHTNING_FREE = ("processes", "samplers", "guidance", "conditioning", "losses", "likelihood", "parameterization",
+LIGHTNING_FREE = ("processes", "samplers", "guidance", "conditioning", "losses", "loss_parts", "likelihood", "parameterization",
                   "nets", "core")
 
 

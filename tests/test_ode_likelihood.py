@@ -16,7 +16,7 @@ from torch.distributions import MultivariateNormal
 
 from analytic import correlated_gaussian_denoiser
 from diffusion_pl.likelihood import bits_per_dim, dequantize, ode_log_likelihood
-from diffusion_pl.processes import VESDE, VPSDE, SDEProcess, SubVPSDE
+from diffusion_pl.processes import VESDE, VPSDE, FlowProcess, SDEProcess, SubVPSDE
 
 MEAN = torch.tensor([0.5, -0.3, 0.2], dtype=torch.float64)
 COV = torch.tensor([[0.30, 0.12, 0.05], [0.12, 0.20, -0.06], [0.05, -0.06, 0.10]], dtype=torch.float64)
@@ -24,8 +24,8 @@ COV = torch.tensor([[0.30, 0.12, 0.05], [0.12, 0.20, -0.06], [0.05, -0.06, 0.10]
 ROTATION = torch.linalg.qr(torch.tensor([[1.0, 0.4, -0.3], [0.2, 1.0, 0.5], [-0.4, 0.3, 1.0]],
                                         dtype=torch.float64))[0]
 WELL_CONDITIONED_COV = ROTATION @ torch.diag(torch.tensor([0.5, 0.8, 1.4], dtype=torch.float64)) @ ROTATION.T
-PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE}
-PRIOR_STD = {"vp": 1.0, "subvp": 1.0, "ve": 50.0}
+PROCESSES = {"vp": VPSDE, "subvp": SubVPSDE, "ve": VESDE, "flow": FlowProcess}
+PRIOR_STD = {"vp": 1.0, "subvp": 1.0, "ve": 50.0, "flow": 1.0}
 
 
 #: Small tensors: one intra-op thread (conftest.py's fixture) is several times faster than two on a 2-core machine.
@@ -45,10 +45,10 @@ def sqrtm(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def ode_likelihood_closed_form(name: str, x: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """What the ODE likelihood computes, exactly: log p_{t_min}(x) + log prior(x(1)) - log p_1(x(1)), with the
-    flow map x(1) = alpha_1 m + C_1^{1/2} C_{t_min}^{-1/2} (x - alpha_{t_min} m) and the prior N(0, c^2 I)."""
+    """What the ODE likelihood computes, exactly: log p_{t_min}(x) + log prior(x(T)) - log p_T(x(T)), T = t_max, with
+    the flow map x(T) = alpha_T m + C_T^{1/2} C_{t_min}^{-1/2} (x - alpha_{t_min} m) and the prior N(0, c^2 I)."""
     process = PROCESSES[name]()
-    start, end = marginal(process, process.t_min, mean, cov), marginal(process, 1.0, mean, cov)
+    start, end = marginal(process, process.t_min, mean, cov), marginal(process, process.t_max, mean, cov)
     flow = sqrtm(end.covariance_matrix) @ torch.linalg.inv(sqrtm(start.covariance_matrix))
     x1 = end.mean + (x - start.mean) @ flow.T
     prior = torch.distributions.Normal(0.0, PRIOR_STD[name]).log_prob(x1).sum(1)

@@ -9,11 +9,16 @@ from torch import Tensor, nn
 from analytic import point_mass_denoiser
 from diffusion_pl.losses import SimpleLoss
 from diffusion_pl.parameterization import (
+    EDM,
+    X0,
     Denoiser,
+    Eps,
+    Parameterization,
+    V,
+    Velocity,
     clip_denoised,
-    prediction_from_output,
+    from_prediction_kind,
     score_from_eps,
-    target_for,
 )
 from diffusion_pl.processes import DiscreteProcess
 
@@ -27,10 +32,14 @@ def setup() -> tuple[DiscreteProcess, Tensor, Tensor, Tensor, Tensor]:
     return process, x0, eps, t, process.add_noise(x0, t, eps)
 
 
-@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+PARTS = {"eps": Eps(), "x0": X0(), "v": V(), "velocity": Velocity(), "edm": EDM(0.5)}
+
+
+@pytest.mark.parametrize("kind", PARTS)
 def test_exact_target_recovers_x0_and_eps(setup, kind: str) -> None:
     process, x0, eps, t, x_t = setup
-    pred = prediction_from_output(kind, target_for(kind, x0, eps, t, process), x_t, t, process)
+    part = PARTS[kind]
+    pred = part.prediction(part.target(x0, eps, t, process), x_t, t, process)
     # x0 from eps divides by alpha(t) ~ 1e-2 at t = T in float32, so compare with a matching tolerance.
     torch.testing.assert_close(pred.x0, x0, atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(pred.eps, eps, atol=2e-3, rtol=1e-3)
@@ -39,7 +48,7 @@ def test_exact_target_recovers_x0_and_eps(setup, kind: str) -> None:
 def test_v_target_definition(setup) -> None:
     process, x0, eps, t, _ = setup
     a, s = process.alpha(t).view(-1, 1, 1, 1), process.sigma(t).view(-1, 1, 1, 1)
-    torch.testing.assert_close(target_for("v", x0, eps, t, process), a * eps - s * x0)
+    torch.testing.assert_close(V().target(x0, eps, t, process), a * eps - s * x0)
 
 
 def test_score_of_gaussian_marginal() -> None:
@@ -52,11 +61,11 @@ def test_score_of_gaussian_marginal() -> None:
 
 
 def test_unknown_kind_errors(setup) -> None:
-    process, x0, eps, t, _ = setup
+    process = setup[0]
     with pytest.raises(ValueError, match="choose one of eps, x0, v"):
-        target_for("score", x0, eps, t, process)
-    with pytest.raises(ValueError, match="choose one of eps, x0, v"):
-        Denoiser(nn.Identity(), process, "epsilon")
+        from_prediction_kind("score")
+    with pytest.raises(ValueError, match="takes a Parameterization part"):
+        Denoiser(nn.Identity(), process, "epsilon")  # type: ignore[arg-type]
 
 
 def test_clip_denoised_clamps_and_stays_consistent(setup) -> None:
@@ -70,15 +79,15 @@ def test_clip_denoised_clamps_and_stays_consistent(setup) -> None:
 class OracleNet(nn.Module):
     """Predicts the exact target for a point-mass data set x0* (knows the data, not the noise)."""
 
-    def __init__(self, x0_star: Tensor, process: DiscreteProcess, kind: str) -> None:
+    def __init__(self, x0_star: Tensor, process: DiscreteProcess, part: Parameterization) -> None:
         super().__init__()
-        self.x0_star, self.process, self.kind = x0_star, process, kind
+        self.x0_star, self.process, self.part = x0_star, process, part
 
     def forward(self, x_t: Tensor, t_in: Tensor) -> Tensor:
         t = t_in.long()
         a, s = self.process.alpha(t).view(-1, 1, 1, 1), self.process.sigma(t).view(-1, 1, 1, 1)
         eps = (x_t - a * self.x0_star) / s
-        return target_for(self.kind, self.x0_star.expand_as(x_t), eps, t, self.process)
+        return self.part.target(self.x0_star.expand_as(x_t), eps, t, self.process)
 
 
 @pytest.mark.parametrize("kind", ["eps", "x0", "v"])
@@ -87,7 +96,7 @@ def test_simple_loss_zero_for_oracle_and_positive_otherwise(kind: str, weighting
     process = DiscreteProcess(1000, "linear")
     x0_star = torch.full((1, 1, 4, 4), 0.25)
     loss = SimpleLoss(weighting)
-    oracle = Denoiser(OracleNet(x0_star, process, kind), process, kind)
+    oracle = Denoiser(OracleNet(x0_star, process, from_prediction_kind(kind)), process, from_prediction_kind(kind))
     per_sample = loss(oracle, x0_star.expand(16, 1, 4, 4), generator=torch.Generator().manual_seed(0))
     assert per_sample.shape == (16,)
     assert per_sample.max().item() < 1e-4
@@ -103,7 +112,7 @@ def test_simple_loss_eps_is_unit_for_zero_net() -> None:
             return torch.zeros_like(x)
 
     process = DiscreteProcess(1000, "linear")
-    den = Denoiser(Zero(), process, "eps")
+    den = Denoiser(Zero(), process, Eps())
     value = SimpleLoss()(den, torch.zeros(4096, 1, 4, 4), generator=torch.Generator().manual_seed(1)).mean()
     assert value.item() == pytest.approx(1.0, abs=0.02)
 
@@ -114,6 +123,6 @@ def test_min_snr_weights() -> None:
     snr = (process.alpha(t) / process.sigma(t)) ** 2
     for kind, expected in [("eps", snr.clamp(max=5) / snr), ("x0", snr.clamp(max=5)),
                            ("v", snr.clamp(max=5) / (snr + 1))]:
-        weight = SimpleLoss("min_snr").weight(Denoiser(nn.Identity(), process, kind), t)
+        weight = SimpleLoss("min_snr").weight(Denoiser(nn.Identity(), process, from_prediction_kind(kind)), t)
         torch.testing.assert_close(weight, expected)
-    assert SimpleLoss("min_snr").weight(Denoiser(nn.Identity(), process, "eps"), t)[1].item() == pytest.approx(1.0)
+    assert SimpleLoss("min_snr").weight(Denoiser(nn.Identity(), process, Eps()), t)[1].item() == pytest.approx(1.0)

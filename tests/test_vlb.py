@@ -18,7 +18,7 @@ from diffusion_pl.likelihood.vlb import (
     variational_bound,
 )
 from diffusion_pl.losses import HybridLoss, VLBLoss
-from diffusion_pl.parameterization import Denoiser
+from diffusion_pl.parameterization import Denoiser, Eps, LearnedVariance
 from diffusion_pl.processes import DiscreteProcess
 from diffusion_pl.samplers import sample_ddpm, strided_steps
 
@@ -147,26 +147,26 @@ class PlainNet(nn.Module):
 def test_learned_variance_interpolates_between_beta_and_beta_tilde() -> None:
     process = DiscreteProcess(1000, "linear")
     net = VarianceNet()
-    denoiser = Denoiser(net, process, "eps", learned_variance=True)
+    denoiser = Denoiser(net, process, LearnedVariance(Eps()))
     t = torch.tensor([5, 500])
     x = torch.zeros(2, 1, 2, 2)
     for v, expected in [(1.0, process.betas[t].log()), (-1.0, process.posterior_log_variance_clipped[t])]:
         net.v.data.fill_(v)
         torch.testing.assert_close(denoiser(x, t).log_var[:, 0, 0, 0], expected)
     with pytest.raises(ValueError, match="learn_sigma"):
-        Denoiser(PlainNet(), process, "eps", learned_variance=True)(x, t)
+        Denoiser(PlainNet(), process, LearnedVariance(Eps()))(x, t)
 
 
 def test_hybrid_loss_trains_variance_not_mean_through_vlb() -> None:
     """The L_vlb part of L_hybrid reaches the variance output only (stop-gradient on the mean)."""
     process = DiscreteProcess(100, "linear")
     net = VarianceNet()
-    denoiser = Denoiser(net, process, "eps", learned_variance=True)
+    denoiser = Denoiser(net, process, LearnedVariance(Eps()))
     x0 = torch.rand(32, 1, 4, 4) * 2 - 1
     HybridLoss()(denoiser, x0, generator=torch.Generator().manual_seed(0)).mean().backward()
     assert net.v.grad is not None and net.v.grad.abs().item() > 0
     with pytest.raises(ValueError, match="learned variance"):
-        HybridLoss()(Denoiser(PlainNet(), process, "eps"), x0)
+        HybridLoss()(Denoiser(PlainNet(), process, Eps()), x0)
 
 
 def test_vlb_importance_sampling_warms_up_then_follows_loss_scale() -> None:
@@ -178,7 +178,7 @@ def test_vlb_importance_sampling_warms_up_then_follows_loss_scale() -> None:
     probs = loss.step_probabilities(4)
     expected = 0.999 * torch.tensor([4.0, 1.0, 1.0, 2.0]) / 8 + 0.001 / 4
     torch.testing.assert_close(probs, expected)
-    t, weight = loss.sample_t(Denoiser(VarianceNet(), process, "eps", True), 10_000, torch.device("cpu"),
+    t, weight = loss.sample_t(Denoiser(VarianceNet(), process, LearnedVariance(Eps())), 10_000, torch.device("cpu"),
                               torch.Generator().manual_seed(0))
     assert (t == 1).float().mean().item() == pytest.approx(expected[0].item(), abs=0.02)
     torch.testing.assert_close(weight, 1 / (4 * expected[t - 1]))

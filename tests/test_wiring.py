@@ -131,7 +131,7 @@ def test_tensorboard_hparams_show_the_run_defining_parts_and_metrics(tmp_path: P
     values = {name: value.WhichOneof("kind") and getattr(value, value.WhichOneof("kind"))
               for name, value in session.session_start_info.hparams.items()}
     assert values["process"] == "DiscreteProcess" and values["process/schedule"] == "cosine"
-    assert values["process/num_steps"] == 100 and values["prediction"] == "eps" and values["loss"] == "SimpleLoss"
+    assert values["process/num_steps"] == 100 and values["parameterization"] == "Eps" and values["loss"] == "SimpleLoss"
     assert values["net/base_channels"] == 16 and values["net/channel_mult"] == "1,2"
     assert values["net/num_res_blocks"] == 1 and values["sampler"] == "DDIM" and values["sampler/steps"] == 3
     assert values["guidance/0"] == "ClassifierFree" and values["guidance/0/scale"] == 3.0

@@ -80,6 +80,11 @@ class CheckpointChecks:
 
     MUST_MATCH: ClassVar[tuple[str, ...]] = ()
 
+    @staticmethod
+    def upgraded_hyperparameters(stored: Mapping[str, Any]) -> Mapping[str, Any]:
+        """A checkpoint's hyperparameters in today's form (a module whose arguments changed maps earlier ones)."""
+        return stored
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         refuse_non_finite(checkpoint)
         checkpoint[MODULE_KEY] = class_path(type(self))
@@ -89,8 +94,9 @@ class CheckpointChecks:
         trainer = getattr(self, "_trainer", None)
         source = str(trainer.ckpt_path) if trainer is not None and trainer.ckpt_path else "the checkpoint"
         refuse_non_finite_weights(checkpoint, source)
-        error = wrong_kind_error(checkpoint, source, type(self).__name__) or mismatch_error(checkpoint.get("hyper_parameters") or {}, self.hparams,  # type: ignore[attr-defined]
-                               self.MUST_MATCH, source)
+        stored = self.upgraded_hyperparameters(checkpoint.get("hyper_parameters") or {})
+        error = wrong_kind_error(checkpoint, source, type(self).__name__) or mismatch_error(
+            stored, self.hparams, self.MUST_MATCH, source)  # type: ignore[attr-defined]
         if error is not None:
             raise error
         super().on_load_checkpoint(checkpoint)  # type: ignore[misc]

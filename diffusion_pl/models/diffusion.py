@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from diffusion_pl.conditioning import Conditioner
 from diffusion_pl.core.seeds import predict_seed
-from diffusion_pl.core.spec import build
+from diffusion_pl.core.spec import build, spec_of
 from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.data import calibration_batches
 from diffusion_pl.guidance import Guidance
@@ -24,8 +24,10 @@ from diffusion_pl.nets.first_stage import FirstStage, IdentityStage
 from diffusion_pl.parameterization import (
     DenoiseFn,
     Denoiser,
-    PredictionKind,
+    Eps,
+    Parameterization,
     clip_denoised,
+    from_prediction_kind,
     warn_unclipped_eps,
 )
 from diffusion_pl.pipelines import PredictTask, seeded_noise
@@ -34,8 +36,25 @@ from diffusion_pl.samplers import DDPM, OnStepFn, Sampler
 
 log = logging.getLogger(__name__)
 
+PredictionKind = Literal["eps", "x0", "v"]
+
 #: The injected parts; a checkpoint stores each as a spec, so ``load_from_checkpoint`` rebuilds them.
-PARTS = ("net", "process", "sampler", "loss", "conditioner", "guidance", "first_stage", "likelihood", "predict_task")
+PARTS = ("net", "process", "sampler", "loss", "parameterization", "conditioner", "guidance", "first_stage", "likelihood",
+         "predict_task")
+
+
+def resolve_parameterization(part: Parameterization | None, prediction: PredictionKind | None,
+                             learned_variance: bool | None) -> Parameterization:
+    """The parameterization part, from ``part`` or from earlier configs' ``prediction`` / ``learned_variance``."""
+    if prediction is None and not learned_variance:
+        return part if part is not None else Eps()
+    if part is not None:
+        raise ValueError("give the model's parameterization part or the earlier prediction / learned_variance "
+                         "arguments, not both: e.g. parameterization: {class_path: diffusion_pl.parameterization.V}")
+    mapped = from_prediction_kind(prediction or "eps", bool(learned_variance))
+    log.info("prediction: %s, learned_variance: %s is written parameterization: %s now", prediction or "eps",
+             bool(learned_variance), spec_of(mapped))
+    return mapped
 
 
 def default_adam(params: Any) -> torch.optim.Optimizer:
@@ -51,9 +70,10 @@ class DiffusionModule(PartsModule):
         process: The forward process (``DiscreteProcess``, ``VPSDE``, ``SubVPSDE``, ``VESDE``).
         sampler: The sampler of ``sample``/``predict``/grids/FID, e.g. ``DDIM(steps=50)`` (default: ancestral DDPM).
         loss: Training loss (default: L_simple, Ho et al. 2020 eq. 14).
-        prediction: What the network predicts: "eps", "x0" or "v".
-        learned_variance: The net also outputs the reverse-variance interpolation (Nichol & Dhariwal 2021, eq. 15;
-            the net needs ``learn_sigma: true``).
+        parameterization: What the network outputs (default ``Eps()``; ``X0``, ``V``, ``Velocity``, ``EDM``,
+            ``LearnedVariance(inner)`` with a net of ``learn_sigma: true``).
+        prediction: Earlier configs' "eps", "x0" or "v": mapped to ``Eps()``, ``X0()``, ``V()``.
+        learned_variance: Earlier configs' flag: wraps the prediction's part in ``LearnedVariance``.
         conditioner: Turns batches into the net's conditioning (e.g. ``ClassLabel``); None: unconditional.
         guidance: Guidance parts applied in order at sampling (``ClassifierFree``, ``Classifier``).
         first_stage: The frozen map to the space the model runs in (default: pixels; ``Autoencoder``: latent diffusion,
@@ -71,8 +91,7 @@ class DiffusionModule(PartsModule):
     """
 
     #: What the weights mean; the sampler, guidance, likelihood, loss and optimizer may differ from the checkpoint.
-    MUST_MATCH = ("net", "process", "prediction", "learned_variance", "first_stage", "conditioner", "image_size",
-                  "channels")
+    MUST_MATCH = ("net", "process", "parameterization", "first_stage", "conditioner", "image_size", "channels")
     RUN_METRICS = ("val/loss", "val/bpd", "val/fid", "val/kid")
 
     def __init__(
@@ -81,8 +100,9 @@ class DiffusionModule(PartsModule):
         process: ForwardProcess,
         sampler: Sampler | None = None,
         loss: DenoisingLoss | None = None,
-        prediction: PredictionKind = "eps",
-        learned_variance: bool = False,
+        parameterization: Parameterization | None = None,
+        prediction: PredictionKind | None = None,
+        learned_variance: bool | None = None,
         conditioner: Conditioner | None = None,
         guidance: Sequence[Guidance] = (),
         first_stage: FirstStage | None = None,
@@ -95,10 +115,13 @@ class DiffusionModule(PartsModule):
         clip_samples: bool = True,
     ) -> None:
         super().__init__()
-        net, process, sampler, loss, conditioner, guidance, first_stage, likelihood, predict_task = (
+        net, process, sampler, loss, parameterization, conditioner, guidance, first_stage, likelihood, predict_task = (
             build(part, "DiffusionModule checkpoint") for part in
-            (net, process, sampler, loss, conditioner, guidance, first_stage, likelihood, predict_task))
-        self.denoiser = Denoiser(net, process, prediction, learned_variance)
+            (net, process, sampler, loss, parameterization, conditioner, guidance, first_stage, likelihood,
+             predict_task))
+        parameterization = resolve_parameterization(parameterization, prediction, learned_variance)
+        prediction = learned_variance = None  # recorded as the part  # noqa: F841
+        self.denoiser = Denoiser(net, process, parameterization)
         self.sampler = sampler if sampler is not None else DDPM()
         self.loss_fn = loss if loss is not None else SimpleLoss()
         self.conditioner = conditioner
@@ -108,12 +131,22 @@ class DiffusionModule(PartsModule):
         self.predict_task = predict_task
         self.sampler.check(process)
         self.likelihood.check(process)
-        if prediction == "eps" and not self.first_stage.clips_to_data_range:
+        if parameterization.divides_by_alpha and not self.first_stage.clips_to_data_range:
             warn_unclipped_eps(process)
         if conditioner is not None:
             conditioner.check_net(net)
-        self.register_parts(dict(zip(PARTS, (net, process, self.sampler, self.loss_fn, conditioner, self.guidance,
-                                             self.first_stage, self.likelihood, predict_task))), optimizer, lr_scheduler)
+        self.register_parts(dict(zip(PARTS, (net, process, self.sampler, self.loss_fn, parameterization, conditioner,
+                                             self.guidance, self.first_stage, self.likelihood, predict_task))),
+                            optimizer, lr_scheduler)
+
+    @staticmethod
+    def upgraded_hyperparameters(stored: Mapping[str, Any]) -> Mapping[str, Any]:
+        """Earlier checkpoints' ``prediction`` and ``learned_variance`` as the ``parameterization`` part's spec."""
+        if stored.get("parameterization") is not None or stored.get("prediction") is None:
+            return stored
+        part = from_prediction_kind(stored["prediction"], bool(stored.get("learned_variance")))
+        return {**{k: v for k, v in stored.items() if k not in ("prediction", "learned_variance")},
+                "parameterization": spec_of(part)}
 
     @property
     def trained(self) -> nn.Module:

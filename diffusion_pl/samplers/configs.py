@@ -20,6 +20,7 @@ from diffusion_pl.core.spec import Configurable
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess, FixedVariance
+from diffusion_pl.processes.noise_levels import time_range
 from diffusion_pl.processes.ode import ODEMethod, check_ode_method
 from diffusion_pl.processes.sde import SDEProcess
 from diffusion_pl.samplers.ddim import check_eta, sample_ddim
@@ -49,7 +50,7 @@ from diffusion_pl.samplers.sde import (
     sample_euler_maruyama,
     sample_pc,
 )
-from diffusion_pl.samplers.timegrids import Karras, TimeGrid, time_range
+from diffusion_pl.samplers.timegrids import Karras, TimeGrid
 
 HParam = int | float | str | bool
 

@@ -24,6 +24,7 @@ from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.samplers.grids import grid_pairs
 
+
 def noise_level(process: ForwardProcess, t: Tensor) -> tuple[Tensor, Tensor]:
     """(alpha(t), sigma~(t) = sigma(t) / alpha(t)), each (B,); sigma~ = 0 at t = 0 (the data)."""
     alpha = process.alpha(t)

@@ -13,6 +13,7 @@ from diffusion_pl.core.project import ProjectFn
 from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization import DenoiseFn
 from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.processes.noise_levels import sigma_range, times_at_sigmas
 from diffusion_pl.samplers.edm import (
     _finish,
     _steps,
@@ -20,7 +21,6 @@ from diffusion_pl.samplers.edm import (
     heun_step,
     noise_level,
 )
-from diffusion_pl.samplers.timegrids import sigma_range, times_at_sigmas
 
 
 def check_churn(s_churn: float, s_tmin: float, s_tmax: float | None, s_noise: float) -> None:

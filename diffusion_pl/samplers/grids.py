@@ -7,12 +7,12 @@ exact Python floats a grid was built from: ``grid.tolist()`` gives them back).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Literal
 
 import torch
 from torch import Tensor
 
+from diffusion_pl.processes.noise_levels import invert_log_snr, log_snr
 from diffusion_pl.processes.sde import SDEProcess
 
 
@@ -55,11 +55,6 @@ TimeSpacing = Literal["uniform", "log_snr"]
 TIME_SPACINGS: tuple[str, ...] = ("uniform", "log_snr")
 
 
-def log_snr(process: SDEProcess, t: Tensor) -> Tensor:
-    """lambda(t) = log(alpha(t)^2 / sigma(t)^2), strictly decreasing in t (Kingma et al. 2021, Sec. 3)."""
-    return 2 * (process.alpha(t).log() - process.sigma(t).log())
-
-
 def sde_times(process: SDEProcess, steps: int, spacing: TimeSpacing = "uniform") -> Tensor:
     """The ``steps`` + 1 decreasing times t_max = t_N > ... > t_0 = t_min a fixed-step SDE or ODE sampler visits.
 
@@ -86,17 +81,6 @@ def sde_times(process: SDEProcess, steps: int, spacing: TimeSpacing = "uniform")
     times = invert_log_snr(lambda t: log_snr(process, t), targets, t_min, t_max)
     times[0], times[-1] = t_max, t_min
     return times
-
-
-def invert_log_snr(lam: Callable[[Tensor], Tensor], targets: Tensor, t_min: float, t_max: float) -> Tensor:
-    """The times in [t_min, t_max] where the strictly decreasing log-SNR ``lam`` takes the float64 ``targets``,
-    by 60 bisections (which halve [t_min, t_max] to below float64 resolution)."""
-    low, high = torch.full_like(targets, t_min), torch.full_like(targets, t_max)
-    for _ in range(60):
-        middle = 0.5 * (low + high)
-        later = lam(middle) < targets  # lambda decreases: the target time lies before middle
-        high, low = torch.where(later, middle, high), torch.where(later, low, middle)
-    return 0.5 * (low + high)
 
 
 def check_steps(steps: int) -> None:

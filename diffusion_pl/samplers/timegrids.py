@@ -22,62 +22,17 @@ from torch import Tensor
 from diffusion_pl.core.spec import Configurable
 from diffusion_pl.processes.base import ForwardProcess
 from diffusion_pl.processes.discrete import DiscreteProcess
-from diffusion_pl.processes.sde import SDEProcess
-from diffusion_pl.samplers.grids import (
-    append_zero,
-    check_steps,
-    invert_log_snr,
-    log_snr,
+from diffusion_pl.processes.noise_levels import (
+    sigma_range,
+    time_range,
+    times_at_sigmas,
 )
+from diffusion_pl.samplers.grids import append_zero, check_steps
 
 #: The default largest noise level of :class:`Karras` grids when the process reaches higher (EDM, Karras et al. 2022,
 #: Sec. 5: sigma_max = 80). A cosine DDPM reaches sigma~ ~ 2e4 at T: starting there, 5-10 step Heun and DPM-Solver++
 #: grids spend their first steps where nothing is left to denoise, and their samples were noise (demo model).
 EDM_SIGMA_MAX = 80.0
-#: Relative slack when an explicit sigma is compared with the process's range (float rounding of its ends).
-RANGE_SLACK = 1e-6
-
-
-def time_range(process: ForwardProcess) -> tuple[float, float]:
-    """(t_min, t_max), the times a net was trained on: steps 1..T of a discrete process, [eps, 1] of an SDE."""
-    if isinstance(process, DiscreteProcess):
-        return 1.0, float(process.num_steps)
-    if isinstance(process, SDEProcess):
-        return process.t_min, process.t_max
-    raise ValueError(f"time grids are built on a DiscreteProcess or an SDEProcess, got {type(process).__name__}; "
-                     "pass an explicit grid of times instead")
-
-
-def process_log_snr(process: ForwardProcess, t: Tensor) -> Tensor:
-    """lambda(t) = log(alpha^2 / sigma^2), the discrete process's own interpolation at non-integer t."""
-    return process.log_snr(t) if isinstance(process, DiscreteProcess) else log_snr(process, t)  # type: ignore[arg-type]
-
-
-def edm_sigma(process: ForwardProcess, t: Tensor) -> Tensor:
-    """EDM's noise level sigma(t) / alpha(t) = exp(-lambda(t) / 2) (Karras et al. 2022, Table 1), in float64."""
-    return (-0.5 * process_log_snr(process, t.double())).exp()
-
-
-def sigma_range(process: ForwardProcess) -> tuple[float, float]:
-    """(sigma_min, sigma_max): the EDM noise levels at the process's smallest and largest training times."""
-    t_min, t_max = time_range(process)
-    low, high = edm_sigma(process, torch.tensor([t_min, t_max], dtype=torch.float64)).tolist()
-    return low, high
-
-
-def times_at_sigmas(process: ForwardProcess, sigmas: Tensor) -> Tensor:
-    """The float64 times where the process's EDM sigma takes the (decreasing) values ``sigmas``.
-
-    Raises ValueError for a sigma outside the process's range :func:`sigma_range`.
-    """
-    (t_min, t_max), (low, high) = time_range(process), sigma_range(process)
-    outside = (sigmas < low * (1 - RANGE_SLACK)) | (sigmas > high * (1 + RANGE_SLACK))
-    if bool(outside.any()):
-        raise ValueError(f"noise level {float(sigmas[outside][0]):.6g} lies outside the process's range "
-                         f"[{low:.6g}, {high:.6g}] of sigma / alpha; choose sigma_min and sigma_max within it")
-    return invert_log_snr(lambda t: process_log_snr(process, t), -2 * sigmas.double().log(), t_min, t_max)
-
-
 class TimeGrid(Configurable, abc.ABC):
     """How an N-step sampler spaces its times on a process; :meth:`times` builds them."""
 
