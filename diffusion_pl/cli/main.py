@@ -3,6 +3,9 @@
     diffusion-pl fit --config configs/ddpm/fashion_mnist.yaml [--trainer.max_steps=100 ...]
     diffusion-pl predict --config configs/ddpm/fashion_mnist.yaml --ckpt_path path/to/last.ckpt
 
+Every run starts from ``defaults.yaml`` beside this module (seed, trainer settings, the standard callbacks, the data
+class), which the config files and then the command line override (README, "Configs").
+
 Bad input (data, config values, checkpoints, files) exits with status 2 and one message that says what to fix;
 ``--debug`` or ``DIFFUSION_PL_DEBUG=1`` shows the traceback instead. A run that SIGTERM stops exits with status 143
 (``fit`` after saving a checkpoint to resume from: :class:`~diffusion_pl.callbacks.TerminationCheckpoint`).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import logging
 import os
 import sys
@@ -92,6 +96,8 @@ def first_stage_from_checkpoint(model: Namespace, ckpt_path: str | None) -> None
         stage_args.net = net
 
 
+#: Trainer settings, callbacks, seed and data class of every run, read before the ``--config`` files.
+DEFAULTS_FILE = Path(__file__).with_name("defaults.yaml")
 LIMIT_BATCHES = ("limit_train_batches", "limit_val_batches", "limit_test_batches", "limit_predict_batches")
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 #: What building the classes of a config raises for a value they refuse.
@@ -171,6 +177,17 @@ class DiffusionCLI(LightningCLI):
             set_net_to_latent_shape(config.model)
 
 
+def parser_arguments(run: bool, exit_on_error: bool) -> dict[str, Any]:
+    """LightningCLI's ``parser_kwargs``: OmegaConf interpolation, and :data:`DEFAULTS_FILE` read by each subcommand's
+    parser (by the main parser when there are no subcommands, ``run=False``); with ``exit_on_error=False`` every
+    parser raises its errors instead of exiting."""
+    parser: dict[str, Any] = {} if exit_on_error else {"exit_on_error": False}
+    defaults = {"default_config_files": [glob.escape(str(DEFAULTS_FILE))]}  # a pattern: a path with [ or * is literal
+    if run:
+        return {"parser_mode": "omegaconf", **parser, **{name: {**parser, **defaults} for name in SUBCOMMANDS}}
+    return {"parser_mode": "omegaconf", **parser, **defaults}
+
+
 def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_error: bool = True) -> DiffusionCLI:
     """Construct (and by default run) the CLI; ``args`` defaults to ``sys.argv[1:]``.
 
@@ -184,15 +201,12 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
     """
     args = list(args) if args is not None else None
     check_config_files(sys.argv[1:] if args is None else args)
-    parser_kwargs: dict[str, Any] = {"parser_mode": "omegaconf"}
-    if not exit_on_error:
-        parser_kwargs.update({"exit_on_error": False, **{name: {"exit_on_error": False} for name in SUBCOMMANDS}})
     return DiffusionCLI(
         model_class=pl.LightningModule,
         datamodule_class=ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
-        parser_kwargs=parser_kwargs,
+        parser_kwargs=parser_arguments(run, exit_on_error),
         trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory(), TerminationCheckpoint(args)]},
         save_config_kwargs={"overwrite": True},
         args=args,
