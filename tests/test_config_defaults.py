@@ -3,10 +3,11 @@ applies to every subcommand, config and command line replace or extend its callb
 other less.
 
 ``data/print_config_before.json``: the parsed ``fit --print_config`` output of every config under configs/, recorded
-at 5697a8d (each config then held its whole trainer block and callbacks) by running this module as a script in a
-copy of that commit:
+at 18d6d88 (each config then held its whole trainer block and callbacks; first recorded at 5697a8d, again when the
+parameterization parts replaced ``prediction:`` and configs/edm, configs/flow came) by running this module as a
+script in a copy of that commit:
 
-    mkdir /tmp/before && git archive 5697a8d | tar -x -C /tmp/before
+    mkdir /tmp/before && git archive 18d6d88 | tar -x -C /tmp/before
     (cd /tmp/before && PYTHONPATH=. python $OLDPWD/tests/test_config_defaults.py) > tests/data/print_config_before.json
 
 Nothing in the output differs between runs or machines (recorded twice: identical). Record again (the same way, in
