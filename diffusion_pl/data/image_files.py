@@ -76,7 +76,7 @@ def _read_npz(path: Path) -> ImageFiles:
             raise ImageFileError(f"{path} has no {' or '.join(NPZ_IMAGE_KEYS)} array (uint8 N x H x W x C); it "
                                  f"has {sorted(arrays)}")
         images = arrays[key]
-        labels = arrays["labels"] if "labels" in arrays else None
+        labels = arrays.get("labels")
         prompts = tuple(str(p) for p in arrays["prompts"].tolist()) if "prompts" in arrays else None
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] not in (1, 3):
         raise ImageFileError(f"{path}[{key!r}] must be uint8 N x H x W x C with C = 1 or 3, got {images.dtype} "
