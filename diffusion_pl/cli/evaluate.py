@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from diffusion_pl.cli.errors import DEBUG_ENV, DEBUG_FLAG, message
+from diffusion_pl.cli.errors import DEBUG_FLAG, user_errors_exit
 from diffusion_pl.core.checkpoint_file import write_atomically
-from diffusion_pl.core.errors import UserError
 from diffusion_pl.metrics.evaluation import Evaluation, Request, evaluate
 
 log = logging.getLogger(__name__)
@@ -105,17 +103,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console-script entry point: the table on stdout, the JSON file; bad input exits with status 2."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parser().parse_args(argv)
-    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
-    try:
+    with user_errors_exit(args.debug):
         evaluation = evaluate(request_of(args))
         path = json_path(args.samples, args.json)
         report = {"metrics": evaluation.metrics, "details": evaluation.details, "settings": evaluation.settings}
         write_atomically(path, [(json.dumps(report, indent=2) + "\n").encode()], what="scores")
-    except UserError as error:
-        if debug:
-            raise
-        sys.stderr.write(message(error))
-        sys.exit(2)
     sys.stdout.write(table(evaluation))
     log.info("scores written to %s", path)
 

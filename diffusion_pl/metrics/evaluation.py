@@ -26,7 +26,7 @@ from diffusion_pl.metrics.feature_reference import DEFAULT_KEEP, FeatureReferenc
 from diffusion_pl.metrics.features import extract_features
 from diffusion_pl.metrics.inception import InceptionFeatures
 from diffusion_pl.metrics.inception_score import inception_score
-from diffusion_pl.metrics.on_target import on_target
+from diffusion_pl.metrics.on_target import on_target, target_labels
 from diffusion_pl.metrics.real_data import RealData
 from diffusion_pl.metrics.scoring import RealReference
 from diffusion_pl.metrics.statistics_file import load_statistics, save_statistics
@@ -239,16 +239,6 @@ def _space_metrics(name: str, scorer: RealReference, files: ImageFiles, request:
     return values
 
 
-def _targets(request: Request, files: ImageFiles) -> Tensor:
-    """The samples' target classes: the .npz's ``labels``, else ``request.labels`` cycled."""
-    if files.labels is not None:
-        return files.labels
-    if not request.labels:
-        raise EvaluationError(f"{request.samples} has no 'labels' array (an unconditional or unguided run): pass "
-                              "--labels with the target classes, comma-separated, cycled over the samples")
-    return torch.tensor(request.labels).repeat(len(files.images) // len(request.labels) + 1)[:len(files.images)]
-
-
 def evaluate(request: Request) -> Evaluation:
     """Score the request's samples with every metric it selects.
 
@@ -258,7 +248,9 @@ def evaluate(request: Request) -> Evaluation:
     """
     _check(request)
     files = read_image_files(request.samples, "samples")
-    targets = _targets(request, files) if request.on_target else None
+    targets = None
+    if request.on_target:
+        targets = target_labels(files.labels, request.labels, len(files.images), request.samples)
     if request.clip and files.prompts is None:
         raise EvaluationError(f"{request.samples} has no 'prompts' array: the CLIP score compares each sample with its "
                               "prompt (predict writes them for text-conditional and CLIP-guided models)")

@@ -3,12 +3,18 @@ conditional sampling, e.g. Dhariwal & Nichol 2021's classifier judge)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from diffusion_pl.core.errors import UserError
 from diffusion_pl.metrics.features import model_range
+
+
+class MissingLabelsError(UserError, ValueError):
+    """Samples without target classes, and none given to cycle over them."""
 
 
 @dataclass(frozen=True)
@@ -37,3 +43,17 @@ def on_target(net: nn.Module, images: Tensor, labels: Tensor, batch_size: int = 
         raise ValueError(f"{len(images)} images but {len(labels)} target labels")
     correct = (predicted_classes(net, images, batch_size) == labels.cpu()).double()
     return OnTarget(float(correct.mean()), {int(c): float(correct[labels == c].mean()) for c in labels.unique()})
+
+
+def target_labels(labels: Tensor | None, cycled: Sequence[int] | None, num: int, source: str) -> Tensor:
+    """The target classes of ``num`` samples: their own ``labels``, else ``cycled`` repeated (as ``predict_labels``).
+
+    Raises:
+        MissingLabelsError: Neither is given; ``source`` names the samples in the message.
+    """
+    if labels is not None:
+        return labels
+    if not cycled:
+        raise MissingLabelsError(f"{source} has no 'labels' array (an unconditional or unguided run): pass --labels "
+                                 "with the target classes, comma-separated, cycled over the samples")
+    return torch.tensor(list(cycled)).repeat(num // len(cycled) + 1)[:num]

@@ -7,6 +7,8 @@ generator indistinguishable from the data would score at that N (FID is biased u
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
@@ -93,17 +95,15 @@ class RealReference:
         return precision_recall(real, fake, k)
 
 
-def domain_reference(classifier: str, data: RealData, batch_size: int = 250) -> RealReference:
-    """The domain FID set-up: a framework-trained classifier's features, the reference of ``data`` (its image size and
-    channels replaced by the classifier's) and the other split held out for the floor.
+def domain_reference(extractor: ClassifierFeatures, data: RealData, batch_size: int = 250) -> RealReference:
+    """The domain FID set-up: a framework-trained classifier's features, the reference of the ``data`` split at the
+    classifier's image size and channels, and the source's other split held out (in order) for the floor.
 
     Args:
-        classifier: A ClassifierModule checkpoint (e.g. from ``configs/classifier/fashion_mnist.yaml``).
-        data: The reference split.
+        extractor: The features of a ClassifierModule checkpoint (e.g. from ``configs/classifier/fashion_mnist.yaml``).
+        data: The reference split (its image size and channels are replaced by the classifier's).
         batch_size: Images per feature batch.
     """
-    extractor = ClassifierFeatures(classifier)
-    data = RealData(data.source, data.split, data.root, extractor.net.image_size, extractor.net.in_channels,
-                    data.resize_mode)
+    data = replace(data, image_size=extractor.net.image_size, channels=extractor.net.in_channels)
     return RealReference.of_images(extractor, data.load().images, data.other_split().load().images,
                                    batch_size=batch_size)
