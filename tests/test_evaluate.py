@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
@@ -34,6 +35,7 @@ from diffusion_pl.metrics import (
 from diffusion_pl.metrics.generative import PrecomputedFeatures
 from diffusion_pl.metrics.precision_recall import knn_radii
 from diffusion_pl.nets.classifier import load_classifier_net
+from diffusion_pl.nets.clip import CLIPNet, load_clip
 from helpers import REPO
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -269,6 +271,27 @@ def test_command_runs_inception_metrics_offline_on_an_image_folder(
     assert report["settings"]["reference"]["source"] == "image_folder"
 
 
+def test_command_clip_score_is_the_mean_cosine_to_each_prompt(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """A tiny exported CLIP file; the score equals cos(g(x_i), h(c_i)) averaged, and a shuffled pairing scores
+    otherwise (each image is compared with its own prompt)."""
+    torch.manual_seed(0)
+    path = CLIPNet(image_size=8, vision_layers=1, transformer_layers=1, context_length=8).export(tmp_path / "clip.pt")
+    images, labels = digits("test")
+    images = images[:20]
+    prompts = [f"a photo of a {digit}" for digit in labels[:20].tolist()]
+    npz = write_npz(tmp_path / "prompted.npz", images, prompts=np.array(prompts))
+    status, _, err = run(capsys, str(npz), "--clip", str(path), "--batch-size", "8")
+    assert status == 0, err
+    score = json.loads((tmp_path / "prompted.scores.json").read_text())["metrics"]["clip_score"]
+    net = load_clip(path)
+    with torch.no_grad():
+        cosines = F.cosine_similarity(net.encode_image(images.float() / 127.5 - 1), net.encode_text(prompts))
+        shuffled = F.cosine_similarity(net.encode_image(images.float() / 127.5 - 1), net.encode_text(prompts[::-1]))
+    assert score == pytest.approx(float(cosines.mean()), rel=1e-5)
+    assert abs(float(shuffled.mean()) - score) > 1e-4
+
+
 @pytest.mark.parametrize(("arrays", "args", "expected"), [
     ({"pictures": np.zeros((4, 8, 8, 1), np.uint8)}, ["--domain", str(CLASSIFIER), "--reference", "digits"],
      "has no images or samples array"),
@@ -276,6 +299,8 @@ def test_command_runs_inception_metrics_offline_on_an_image_folder(
      "takes (1, 8, 8)"),
     ({"samples": np.zeros((4, 8, 8, 1), np.uint8)}, ["--on-target", str(CLASSIFIER)], "pass --labels"),
     ({"samples": np.zeros((4, 8, 8, 1), np.uint8)}, ["--domain", str(CLASSIFIER)], "add --reference"),
+    ({"samples": np.zeros((4, 8, 8, 1), np.uint8)}, ["--clip", "ViT-B/32"], "has no 'prompts' array"),
+    ({"samples": np.zeros((4, 8, 8, 1), np.uint8)}, [], "no metric chosen"),
     ({"samples": np.zeros((4, 8, 8, 1), np.uint8)}, ["--domain", str(CLASSIFIER), "--reference", "imagenet"],
      "neither an image folder"),
 ])
