@@ -26,7 +26,9 @@ from analytic import gaussian_features
 from diffusion_pl.cli.evaluate import main
 from diffusion_pl.data.sources import load_split
 from diffusion_pl.metrics import (
+    FeatureReference,
     GaussianMoments,
+    RealReference,
     frechet_distance,
     inception_score,
     kernel_distance,
@@ -34,9 +36,12 @@ from diffusion_pl.metrics import (
 )
 from diffusion_pl.metrics.generative import PrecomputedFeatures
 from diffusion_pl.metrics.precision_recall import knn_radii
+from diffusion_pl.metrics.scoring import ReferenceFeaturesError
+from diffusion_pl.metrics.statistics_file import load_statistics, save_statistics
 from diffusion_pl.nets.classifier import load_classifier_net
 from diffusion_pl.nets.clip import CLIPNet, load_clip
 from helpers import REPO
+from test_fid import FlattenFeatures
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -313,6 +318,30 @@ def test_command_user_errors_exit_2_with_one_screen(tmp_path: Path, capsys: pyte
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
     assert len(err.splitlines()) <= 14
     assert not (tmp_path / "bad.scores.json").exists()
+
+
+def test_statistics_files_are_checked_against_the_samples_and_the_network(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file of another image size, of another network's features, or with mu/sigma only (pytorch-fid's format)
+    where KID needs features: exit 2 with what to do."""
+    moments = GaussianMoments(torch.zeros(32, dtype=torch.float64), torch.eye(32, dtype=torch.float64), 10)
+    other_net = FeatureReference(moments, torch.zeros(10, 32), "classifier", "0" * 64)
+    save_statistics(tmp_path / "size16.npz", {"domain": other_net}, {"image_size": 16, "channels": 1})
+    save_statistics(tmp_path / "other_net.npz", {"domain": other_net}, {"image_size": 8, "channels": 1})
+    np.savez(tmp_path / "pytorch_fid.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    npz = write_npz(tmp_path / "samples.npz", digits("test")[0][:10])
+    for reference, args, expected in [
+        ("size16.npz", ["--domain", str(CLASSIFIER)], "holds statistics of 1 x 16 x 16 images"),
+        ("other_net.npz", ["--domain", str(CLASSIFIER)], "of another classifier network"),
+        ("pytorch_fid.npz", ["--domain", str(CLASSIFIER)], "has no 'domain' statistics (it has inception)"),
+        ("missing.npz", ["--domain", str(CLASSIFIER)], "not found"),
+    ]:
+        status, _, err = run(capsys, str(npz), "--reference", str(tmp_path / reference), *args)
+        assert status == 2 and expected in err, (reference, err)
+    references, meta = load_statistics(tmp_path / "pytorch_fid.npz")
+    assert meta == {} and references["inception"].features is None and references["inception"].fingerprint is None
+    with pytest.raises(ReferenceFeaturesError, match="hold only mu and sigma"):
+        RealReference(FlattenFeatures(2048), references["inception"]).kid(torch.zeros(5, 2048))
 
 
 def test_command_exit_status_from_a_fresh_process(tmp_path: Path) -> None:

@@ -30,7 +30,7 @@ from diffusion_pl.metrics.on_target import on_target, target_labels
 from diffusion_pl.metrics.real_data import RealData
 from diffusion_pl.metrics.scoring import RealReference
 from diffusion_pl.metrics.statistics_file import load_statistics, save_statistics
-from diffusion_pl.nets.classifier import load_classifier_net
+from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
 from diffusion_pl.nets.clip import load_clip
 
 
@@ -125,6 +125,9 @@ def _check(request: Request) -> None:
                               "--domain CLASSIFIER.ckpt")
     if request.inception_score and not request.inception:
         raise EvaluationError("the Inception Score needs the Inception network: add --inception")
+    if request.save_reference and (request.reference is None or request.reference.endswith(".npz")):
+        raise EvaluationError("--save-reference writes the statistics of real images: give them as --reference "
+                              "SOURCE[:SPLIT] or an image folder (the reference given is already a statistics file)")
     if spaces and request.reference is None:
         raise EvaluationError("FID needs real images to compare with: add --reference SOURCE[:SPLIT] (e.g. "
                               "fashion_mnist:test), an image folder or a statistics .npz")
@@ -156,7 +159,7 @@ def _extractors(request: Request, files: ImageFiles) -> dict[str, FeatureExtract
     return {name: extractor.to(request.device) for name, extractor in extractors.items()}
 
 
-def _check_fits(net: torch.nn.Module, images: Tensor, path: str) -> None:
+def _check_fits(net: EncoderClassifier, images: Tensor, path: str) -> None:
     """Refuse samples of another size or channel count than the classifier ``net`` takes."""
     expected = (net.in_channels, net.image_size, net.image_size)
     if tuple(images.shape[1:]) != expected:
