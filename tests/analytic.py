@@ -1,4 +1,5 @@
-"""Closed-form denoisers for data whose E[x0 | x_t] is known exactly (test helpers, no network)."""
+"""Closed forms for tests (no network): denoisers for data whose E[x0 | x_t] is known exactly, and Gaussian features
+with exact sample moments."""
 
 from __future__ import annotations
 
@@ -94,3 +95,11 @@ class ConstantProcess(ForwardProcess):
 
     def probe_times(self) -> Tensor:
         return torch.zeros(1)
+
+
+def gaussian_features(mean: Tensor, covariance: Tensor, n: int, seed: int) -> Tensor:
+    """n float64 samples whose sample mean and unbiased sample covariance equal ``mean`` and ``covariance``."""
+    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    z = z - z.mean(0)
+    z = z @ torch.linalg.inv(torch.linalg.cholesky(z.T @ z / (n - 1))).T  # exactly white
+    return mean + z @ torch.linalg.cholesky(covariance).T

@@ -1,5 +1,5 @@
 """Shared pytest setup: the test helpers (tests/analytic.py, tests/helpers.py) importable; one thread per xdist
-worker; the time of the ``slow`` tier printed at the end of the run.
+worker; Inception weights that need no download; the time of the ``slow`` tier printed at the end of the run.
 
 The suite runs on 2 workers (``-n 2`` in setup.cfg's addopts, pytest-xdist). Each worker and the processes its tests
 start use one thread (``OMP_NUM_THREADS=1``): two workers of two threads each on a 2-core machine run slower than
@@ -35,6 +35,23 @@ def single_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dict of torch-fidelity's FID Inception-v3 architecture with random (seeded) weights: the Inception
+    code path offline (the real weights cannot be downloaded in the tests)."""
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+
+    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
+        patch.setattr(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *args, **kwargs: None)
+        torch.manual_seed(0)
+        net = fidelity_inception.FeatureExtractorInceptionV3("random", ["2048"])
+    torch.save(net.state_dict(), path)
+    return path
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -35,6 +35,7 @@ from diffusion_pl.metrics import (
     inception_input,
     reference_statistics,
 )
+from analytic import gaussian_features
 from helpers import REPO, LossRecorder, tiny_args, tiny_cli
 from test_classifier import train_digits_classifier
 
@@ -55,14 +56,6 @@ class FlattenFeatures(FeatureExtractor):
     def forward(self, images: Tensor) -> Features:
         self.calls += 1
         return Features(images.flatten(1))
-
-
-def gaussian_features(mean: Tensor, covariance: Tensor, n: int, seed: int) -> Tensor:
-    """n float64 samples whose sample mean and unbiased sample covariance equal ``mean`` and ``covariance``."""
-    z = torch.randn(n, len(mean), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    z = z - z.mean(0)
-    z = z @ torch.linalg.inv(torch.linalg.cholesky(z.T @ z / (n - 1))).T  # exactly white
-    return mean + z @ torch.linalg.cholesky(covariance).T
 
 
 def fid_of(real: Tensor, generated: Tensor, extractor: FeatureExtractor, batch_size: int = 500) -> float:
@@ -298,19 +291,6 @@ def test_fid_callback_leaves_the_training_run_unchanged(tmp_path: Path, digits_c
 
 
 # ----------------------------------------------------------------------------------------------- Inception
-
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state dict of torch-fidelity's FID Inception-v3 architecture with random (seeded) weights."""
-    path = tmp_path_factory.mktemp("inception") / "random_inception.pth"
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fidelity_inception, "load_state_dict_from_url", lambda *args, **kwargs: {})
-        patch.setattr(fidelity_inception.FeatureExtractorInceptionV3, "load_state_dict", lambda *args, **kwargs: None)
-        torch.manual_seed(0)
-        net = fidelity_inception.FeatureExtractorInceptionV3("random", ["2048"])
-    torch.save(net.state_dict(), path)
-    return path
 
 
 def test_inception_input_is_the_single_conversion() -> None:

@@ -21,81 +21,36 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sample_accuracy import frechet_distance  # noqa: E402
-
-from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
-from diffusion_pl.conditioning import set_sampling_level  # noqa: E402
-from diffusion_pl.core.resize import downsample, upsample  # noqa: E402
-from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
-from diffusion_pl.data.sources import load_split  # noqa: E402
-from diffusion_pl.metrics import (  # noqa: E402
+from diffusion_pl.callbacks.images import save_png, uint8_grid
+from diffusion_pl.conditioning import set_sampling_level
+from diffusion_pl.core.report import MarkdownReport
+from diffusion_pl.core.resize import downsample, upsample
+from diffusion_pl.core.tensors import from_uint8, quantized, to_uint8
+from diffusion_pl.metrics import (
     ClassifierFeatures,
+    RealData,
     consistency_error,
+    domain_reference,
     psnr,
-    reference_statistics,
     ssim,
 )
-from diffusion_pl.models import DiffusionModule  # noqa: E402
-from diffusion_pl.pipelines import seeded_noise  # noqa: E402
-from diffusion_pl.samplers import DDIM, DDPM, Sampler  # noqa: E402
-
-
-class Report:
-    """Markdown lines, printed and appended to a file as they come (a long run shows its progress)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("")
-
-    def append(self, line: str) -> None:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
-        with self.path.open("a") as file:
-            file.write(line + "\n")
-
-    def extend(self, lines: list[str]) -> None:
-        for line in lines:
-            self.append(line)
+from diffusion_pl.models import DiffusionModule
+from diffusion_pl.pipelines import sample_seeds
+from diffusion_pl.samplers import DDIM, DDPM, Sampler
 
 
 def load(path: str, sampler: Sampler) -> DiffusionModule:
     return DiffusionModule.load_from_checkpoint(path, map_location="cpu", sampler=sampler).eval()
 
 
-@torch.no_grad()
-def generate(model: DiffusionModule, num: int, batch_size: int, low_res: Tensor | None = None,
-             stream: int = 0, conditions: dict[str, Any] | None = None) -> tuple[Tensor, float]:
-    """``num`` images from seeds 0 .. num - 1 and the seconds per image; image i is conditioned on entry i of
-    ``low_res`` (an SR stage) and of each of ``conditions`` (e.g. ``label``, ``prompt``)."""
-    conditions = dict(conditions or {}, **({} if low_res is None else {"low_res": low_res}))
-    images, began = [], time.perf_counter()
-    generator = torch.Generator().manual_seed(stream)  # the step noise of stochastic samplers
-    for start in range(0, num, batch_size):
-        seeds = list(range(start, min(start + batch_size, num)))
-        noise = seeded_noise(model.process, model.latent_shape, seeds, stream)
-        batch = {"seed": torch.tensor(seeds), **{key: value[start:start + len(seeds)] for key, value in conditions.items()}}
-        images.append(model.sample(noise=noise, batch=batch, generator=generator).clamp(-1, 1))
-    return torch.cat(images), (time.perf_counter() - began) / num
-
-
 def levels(text: str) -> list[float]:
     """Comma-separated sampling levels ('' for none)."""
     return [float(v) for v in text.split(",") if v.strip()]
-
-
-def quantized(images: Tensor) -> Tensor:
-    """Images as they would be written (uint8), back in [-1, 1]."""
-    return from_uint8(to_uint8(images))
 
 
 def fidelity_row(name: str, images: Tensor, real: Tensor, low: Tensor) -> str:
@@ -119,16 +74,15 @@ def main() -> None:
     parser.add_argument("--level", type=float, default=None,
                         help="the cascade's sampling level (default: the first --sr stage's own)")
     parser.add_argument("--out", default="runs/cascade_report")
+    parser.add_argument("--source", default="fashion_mnist", help="data source of the real images")
     args = parser.parse_args()
     out = Path(args.out)
     extractor = ClassifierFeatures(args.classifier)
-    test = load_split("fashion_mnist", "test", image_size=32, channels=1, resize_mode="pad")
-    train = load_split("fashion_mnist", "train", image_size=32, channels=1, resize_mode="pad")
-    reference = reference_statistics(from_uint8(test.images).split(500), extractor, len(test), kid_size=len(test))
-    floor = frechet_distance(extractor, reference, from_uint8(train.images[: args.num]))
+    judge = domain_reference(extractor, RealData(args.source, "test"))
+    test = RealData(args.source, "test", image_size=extractor.net.image_size, channels=extractor.net.in_channels).load()
     srs = {path: load(path, DDPM(steps=args.sr_steps)) for path in args.sr}
     own_levels = {path: model.conditioner.sampling_level for path, model in srs.items()}
-    lines = Report(out / "report.md")
+    lines = MarkdownReport(out / "report.md", sys.stdout)
 
     real = from_uint8(test.images[: args.num])
     low = downsample(real, 2)
@@ -139,28 +93,28 @@ def main() -> None:
     for path, model in srs.items():
         for level in args.real_levels:
             set_sampling_level(model, level, path)
-            images, _ = generate(model, args.num, args.batch_size, low_res=low)
+            images, _ = sample_seeds(model, args.num, args.batch_size, {"low_res": low})
             lines.append(fidelity_row(f"{path} s={level:g}", quantized(images), real, low))
 
     if args.base is None:
         return
     base = load(args.base, DDIM(steps=args.steps))
-    base_images, base_time = generate(base, args.num, args.batch_size)
+    base_images, base_time = sample_seeds(base, args.num, args.batch_size)
     base_images = quantized(base_images)
     first, model = next(iter(srs.items()))
     level = args.level if args.level is not None else own_levels[first]
     set_sampling_level(model, level, first)
-    cascade_images, sr_time = generate(model, args.num, args.batch_size, low_res=base_images, stream=1)
+    cascade_images, sr_time = sample_seeds(model, args.num, args.batch_size, {"low_res": base_images}, stream=1)
     lines.extend(["", "## 2. Cascade against the single-stage model", "",
                   "| model | domain FID | sampling s/image |", "|---|---|---|",
                   f"| cascade: {args.base} + {first} (s={level:g}) | "
-                  f"{frechet_distance(extractor, reference, quantized(cascade_images)):.4g} "
+                  f"{judge.fid(quantized(cascade_images)):.4g} "
                   f"| {base_time + sr_time:.4f} (base {base_time:.4f} + SR {sr_time:.4f}) |"])
     if args.demo:
-        demo_images, demo_time = generate(load(args.demo, DDIM(steps=args.steps)), args.num, args.batch_size)
-        lines.append(f"| single stage: {args.demo} | {frechet_distance(extractor, reference, quantized(demo_images)):.4g}"
+        demo_images, demo_time = sample_seeds(load(args.demo, DDIM(steps=args.steps)), args.num, args.batch_size)
+        lines.append(f"| single stage: {args.demo} | {judge.fid(quantized(demo_images)):.4g}"
                      f" | {demo_time:.4f} |")
-    lines.append(f"| real train images (floor) | {floor:.4g} | |")
+    lines.append(f"| real train images (floor) | {judge.floor(args.num):.4g} | |")
 
     lines.extend(["", "## 3. SR of the base model's generated 16x16 images (CDM ablation): domain FID", "",
                   "| SR stage | " + " | ".join(f"s={v:g}" for v in args.levels) + " |",
@@ -172,8 +126,8 @@ def main() -> None:
                 images = cascade_images
             else:
                 set_sampling_level(model, sweep_level, path)
-                images, _ = generate(model, args.num, args.batch_size, low_res=base_images, stream=1)
-            fids.append(f"{frechet_distance(extractor, reference, quantized(images)):.4g}")
+                images, _ = sample_seeds(model, args.num, args.batch_size, {"low_res": base_images}, stream=1)
+            fids.append(f"{judge.fid(quantized(images)):.4g}")
         lines.append(f"| {path} | " + " | ".join(fids) + " |")
 
     count = min(8, args.num)

@@ -22,13 +22,16 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid
+from diffusion_pl.cli.errors import user_errors_exit
 from diffusion_pl.core.tensors import from_uint8
+from diffusion_pl.data.image_files import read_image_files
 from diffusion_pl.data.sources import load_split
+from diffusion_pl.metrics.clip_score import clip_score
+from diffusion_pl.metrics.features import model_range
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet, read_clip
 from diffusion_pl.processes import DiscreteProcess
 
@@ -81,21 +84,17 @@ def run_samples(args: argparse.Namespace) -> list[str]:
     class_text = net.encode_text(prompts)
     rows = ["| samples | N | CLIP score (cos) | evaluator zero-shot on prompted class |", "|---|---|---|---|"]
     for path in args.npz:
-        with np.load(path) as arrays:
-            samples = arrays["samples"]
-            # An unguided run writes no prompts: score it against the class prompts cycled, as predict_prompts were.
-            sample_prompts = (arrays["prompts"].tolist() if "prompts" in arrays
-                              else [prompts[i % len(prompts)] for i in range(len(samples))])
-        images = from_uint8(torch.from_numpy(samples).permute(0, 3, 1, 2))
-        features = net.encode_image(images)
-        own = net.encode_text(sample_prompts)
-        cosine = torch.nn.functional.cosine_similarity(features, own).mean()
+        files = read_image_files(path, "samples")
+        # An unguided run writes no prompts: score it against the class prompts cycled, as predict_prompts were.
+        sample_prompts = (list(files.prompts) if files.prompts is not None
+                          else [prompts[i % len(prompts)] for i in range(len(files.images))])
         targets = torch.tensor([prompts.index(p) for p in sample_prompts])
-        accuracy = (net.similarity(features, class_text).argmax(-1) == targets).float().mean()
-        rows.append(f"| {path} | {len(samples)} | {float(cosine):.3f} | {float(accuracy):.3f} |")
-        uint8 = torch.from_numpy(samples).permute(0, 3, 1, 2)
+        predicted = net.similarity(net.encode_image(model_range(files.images)), class_text).argmax(-1)
+        accuracy = (predicted == targets).float().mean()
+        rows.append(f"| {path} | {len(files.images)} | {clip_score(net, files.images, sample_prompts):.3f} | "
+                    f"{float(accuracy):.3f} |")
         for k in targets.unique().tolist():
-            save_png(uint8_grid(uint8[targets == k]), Path(path).parent / f"grid_prompt{k}.png")
+            save_png(uint8_grid(files.images[targets == k]), Path(path).parent / f"grid_prompt{k}.png")
     return rows
 
 
@@ -117,4 +116,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():
+        main()

@@ -2,7 +2,7 @@
 
     python3 tools/interpolation_noise.py --model DEMO.ckpt --classifier CLEAN_CLASSIFIER.ckpt [--pairs 250] [--t 0.5]
 
-For --pairs pairs of Fashion-MNIST test images of different classes, the lambda = 1/2 midpoint is made by noising
+For --pairs pairs of test images of different classes (--source, default fashion_mnist, at the classifier's size), the lambda = 1/2 midpoint is made by noising
 both images to level t, mixing and denoising from t with the model's sampler (diffusion_pl.pipelines.interpolate):
 once with the same eps for both (the framework's way: the mixed noise keeps unit variance), once with independent
 eps (public code's bug: sqrt(1/4 + 1/4) = 0.71 of the noise is left, so the sampler starts from too clean an image
@@ -21,17 +21,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from sample_accuracy import frechet_distance  # noqa: E402
-
-from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
-from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
-from diffusion_pl.data.sources import load_split  # noqa: E402
-from diffusion_pl.metrics import ClassifierFeatures, reference_statistics  # noqa: E402
-from diffusion_pl.models import DiffusionModule  # noqa: E402
-from diffusion_pl.pipelines import run_sampler, start_grid  # noqa: E402
-from diffusion_pl.pipelines.model import sampling_process, start_time  # noqa: E402
+from diffusion_pl.callbacks.images import save_png, uint8_grid
+from diffusion_pl.core.tensors import from_uint8, quantized, to_uint8
+from diffusion_pl.metrics import ClassifierFeatures, RealData, domain_reference
+from diffusion_pl.models import DiffusionModule
+from diffusion_pl.pipelines import run_sampler, start_grid
+from diffusion_pl.pipelines.model import sampling_process, start_time
 
 
 def gradient_energy(images: Tensor) -> float:
@@ -61,13 +56,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=250)
     parser.add_argument("--t", type=float, default=0.5)
     parser.add_argument("--out", default="runs/interpolation_noise")
+    parser.add_argument("--source", default="fashion_mnist", help="data source of the image pairs and the reference")
     args = parser.parse_args()
     model = DiffusionModule.load_from_checkpoint(args.model, map_location="cpu").eval()
     extractor = ClassifierFeatures(args.classifier)
-    test = load_split("fashion_mnist", "test", image_size=32, channels=1, resize_mode="pad")
-    train = load_split("fashion_mnist", "train", image_size=32, channels=1, resize_mode="pad")
+    judge = domain_reference(extractor, RealData(args.source, "test"))
+    test = RealData(args.source, "test", image_size=extractor.net.image_size, channels=extractor.net.in_channels).load()
     images = from_uint8(test.images)
-    reference = reference_statistics(images.split(500), extractor, len(images), kid_size=len(images))
     first = torch.arange(0, 2 * args.pairs, 2)
     second = first + 1
     different = test.labels[first] != test.labels[second]
@@ -78,14 +73,12 @@ def main() -> None:
     results = {}
     for shared in (True, False):
         out, std = midpoints(model, a, b, args.t, shared, seed=0)
-        out = from_uint8(to_uint8(out))
+        out = quantized(out)
         results[shared] = out
-        fid = frechet_distance(extractor, reference, out)
         top = float(extractor.net(out).softmax(-1).max(-1).values.mean())
-        rows.append(f"| {'shared' if shared else 'independent'} | {len(a)} | {std:.3f} | {fid:.4g} | "
+        rows.append(f"| {'shared' if shared else 'independent'} | {len(a)} | {std:.3f} | {judge.fid(out):.4g} | "
                     f"{gradient_energy(out) / real_energy:.3f} | {top:.3f} |")
-    floor = frechet_distance(extractor, reference, from_uint8(train.images[: len(a)]))
-    rows.append(f"| real train images (floor) | {len(a)} | | {floor:.4g} | 1 | |")
+    rows.append(f"| real train images (floor) | {len(a)} | | {judge.floor(len(a)):.4g} | 1 | |")
     count = min(8, len(a))
     grid = torch.stack([a[:count], results[True][:count], results[False][:count], b[:count]], dim=1).flatten(0, 1)
     path = save_png(uint8_grid(to_uint8(grid), nrow=4), Path(args.out) / "shared_vs_independent.png")

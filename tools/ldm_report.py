@@ -24,21 +24,23 @@ from typing import Any
 import torch
 from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from cascade_report import Report, generate, quantized  # noqa: E402
-from sample_accuracy import frechet_distance  # noqa: E402
-
-from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
-from diffusion_pl.conditioning import ClassLabel, Text  # noqa: E402
-from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
-from diffusion_pl.data.sources import load_split  # noqa: E402
-from diffusion_pl.metrics import ClassifierFeatures, psnr, reference_statistics  # noqa: E402
-from diffusion_pl.models import DiffusionModule  # noqa: E402
-from diffusion_pl.nets.autoencoder import KLAutoencoder  # noqa: E402
-from diffusion_pl.nets.first_stage import Autoencoder  # noqa: E402
-from diffusion_pl.nets.loading import load_checkpoint, rebuild  # noqa: E402
-from diffusion_pl.samplers import DDIM  # noqa: E402
+from diffusion_pl.callbacks.images import save_png, uint8_grid
+from diffusion_pl.conditioning import ClassLabel, Text
+from diffusion_pl.core.report import MarkdownReport
+from diffusion_pl.core.tensors import from_uint8, quantized, to_uint8
+from diffusion_pl.metrics import (
+    ClassifierFeatures,
+    RealData,
+    domain_reference,
+    on_target,
+    psnr,
+)
+from diffusion_pl.models import DiffusionModule
+from diffusion_pl.nets.autoencoder import KLAutoencoder
+from diffusion_pl.nets.first_stage import Autoencoder
+from diffusion_pl.nets.loading import load_checkpoint, rebuild
+from diffusion_pl.pipelines import sample_seeds
+from diffusion_pl.samplers import DDIM
 
 PROMPT = "a photo of a {}"
 
@@ -80,34 +82,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="runs/ldm_report")
+    parser.add_argument("--source", default="fashion_mnist", help="data source of the real images")
     args = parser.parse_args()
     out = Path(args.out)
-    lines = Report(out / "report.md")
+    lines = MarkdownReport(out / "report.md", sys.stdout)
     extractor = ClassifierFeatures(args.classifier)
-    test = load_split("fashion_mnist", "test", image_size=32, channels=1, resize_mode="pad")
-    train = load_split("fashion_mnist", "train", image_size=32, channels=1, resize_mode="pad")
+    test = RealData(args.source, "test", image_size=extractor.net.image_size, channels=extractor.net.in_channels).load()
     real = from_uint8(test.images)
     models = {name: DiffusionModule.load_from_checkpoint(path, map_location="cpu", sampler=DDIM(steps=args.steps)).eval()
               for name, path in args.model}
     if args.autoencoder:
         lines.extend(autoencoder_rows(args.autoencoder, real, models))
 
-    reference = reference_statistics(real.split(500), extractor, len(test), kid_size=len(test))
-    floor = frechet_distance(extractor, reference, from_uint8(train.images[: args.num]))
+    judge = domain_reference(extractor, RealData(args.source, "test"))
     lines.extend(["", f"## 2. Samples ({args.num} per model, DDIM-{args.steps})", "",
                   "| model | domain FID | on target (clean classifier) | sampling s/image |", "|---|---|---|---|"])
     for name, model in models.items():
         conditions, labels = targets(model, args.num, test.class_names)
-        images, seconds = generate(model, args.num, args.batch_size, conditions=conditions)
+        images, seconds = sample_seeds(model, args.num, args.batch_size, conditions)
         images = quantized(images)
-        share = "-"
-        if labels is not None:
-            predicted = torch.cat([extractor.net(batch).argmax(-1) for batch in images.split(500)])
-            share = f"{(predicted == labels).float().mean().item():.1%}"
-        lines.append(f"| {name} | {frechet_distance(extractor, reference, images):.4g} | {share} | {seconds:.4f} |")
+        share = "-" if labels is None else f"{on_target(extractor.net, images, labels).share:.1%}"
+        lines.append(f"| {name} | {judge.fid(images):.4g} | {share} | {seconds:.4f} |")
         order = torch.argsort(labels[:100], stable=True) if labels is not None else torch.arange(min(100, args.num))
         save_png(uint8_grid(to_uint8(images[:100][order]), nrow=10), out / f"{name}_grid.png")
-    lines.append(f"| real train images (floor) | {floor:.4g} | | |")
+    lines.append(f"| real train images (floor) | {judge.floor(args.num):.4g} | | |")
 
 
 if __name__ == "__main__":

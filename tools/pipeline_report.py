@@ -18,47 +18,45 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from diffusion_pl.cli.errors import user_errors_exit
+from diffusion_pl.metrics import (
+    ClassifierFeatures,
+    RealData,
+    domain_reference,
+    model_range,
+    on_target,
+)
+from diffusion_pl.metrics.inpainting import seam_energy
 
-from sample_accuracy import frechet_distance, target_accuracy, to_model_range  # noqa: E402
 
-from diffusion_pl.data.sources import load_split  # noqa: E402
-from diffusion_pl.metrics import ClassifierFeatures, reference_statistics  # noqa: E402
-from diffusion_pl.metrics.inpainting import seam_energy  # noqa: E402
+def nchw(array: np.ndarray) -> Tensor:
+    """An .npz image array (N x H x W x C) as a tensor (N, C, H, W)."""
+    return torch.from_numpy(array).permute(0, 3, 1, 2)
 
 
-def inpaint_rows(extractor: ClassifierFeatures, paths: list[str], source: str | None, split: str,
-                 resize_mode: str) -> list[str]:
-    net = extractor.net
-    reference = floor = None
-    if source:
-        size = {"image_size": net.image_size, "channels": net.in_channels, "resize_mode": resize_mode}
-        real = load_split(source, split, **size)
-        reference = reference_statistics(to_model_range(real.images).split(500), extractor, len(real),
-                                         kid_size=len(real))
-        other = load_split(source, "train" if split == "test" else "test", **size)
+def inpaint_rows(extractor: ClassifierFeatures, paths: list[str], data: RealData | None) -> list[str]:
+    judge = None if data is None else domain_reference(extractor, data)
     rows = ["| completions | N | accuracy (true class) | accuracy of the originals | domain FID | seam score |",
             "|---|---|---|---|---|---|"]
+    num = 0
     for path in paths:
         with np.load(path) as arrays:
-            samples, inputs, masks, labels = (arrays[k] for k in ("samples", "inputs", "masks", "labels"))
-        accuracy, _ = target_accuracy(net, samples, labels)
-        original, _ = target_accuracy(net, inputs, labels)
-        mask = torch.from_numpy(masks).permute(0, 3, 1, 2)
-        seams = seam_energy(torch.from_numpy(samples).permute(0, 3, 1, 2), mask)
-        real_seams = seam_energy(torch.from_numpy(inputs).permute(0, 3, 1, 2), mask)
-        fid = "" if reference is None else f"{frechet_distance(extractor, reference, to_model_range(samples)):.4g}"
-        rows.append(f"| {path} | {len(samples)} | {accuracy:.4f} | {original:.4f} | {fid} | "
+            samples, inputs, masks = (nchw(arrays[k]) for k in ("samples", "inputs", "masks"))
+            labels = torch.from_numpy(arrays["labels"])
+        num = num or len(samples)
+        seams = seam_energy(samples, masks)
+        real_seams = seam_energy(inputs, masks)
+        fid = "" if judge is None else f"{judge.fid(samples):.4g}"
+        rows.append(f"| {path} | {len(samples)} | {on_target(extractor.net, samples, labels).share:.4f} | "
+                    f"{on_target(extractor.net, inputs, labels).share:.4f} | {fid} | "
                     f"{float(seams.mean() / real_seams.mean()):.3f} |")
-        if reference is not None and floor is None:
-            floor = frechet_distance(extractor, reference, to_model_range(other.images[: len(samples)]))
-    if floor is not None:
-        rows.append(f"| real {source} images (floor) | {len(samples)} | | | {floor:.4g} | 1 |")
+    if judge is not None and data is not None:
+        rows.append(f"| real {data.source} images (floor) | {num} | | | {judge.floor(num):.4g} | 1 |")
     return rows
 
 
@@ -67,8 +65,8 @@ def interpolate_rows(extractor: ClassifierFeatures, paths: list[str]) -> list[st
     rows = []
     for path in paths:
         with np.load(path) as arrays:
-            samples, lambdas, labels = arrays["samples"], arrays["lambda"], arrays["labels"]
-        probs = extractor.net(to_model_range(samples)).softmax(-1)
+            samples, lambdas, labels = nchw(arrays["samples"]), arrays["lambda"], arrays["labels"]
+        probs = extractor.net(model_range(samples)).softmax(-1)
         p_first = probs[torch.arange(len(labels)), torch.from_numpy(labels)].numpy()
         levels = sorted(set(lambdas.tolist()))
         if not rows:
@@ -89,10 +87,11 @@ def main() -> None:
     parser.add_argument("npz", nargs="+")
     args = parser.parse_args()
     extractor = ClassifierFeatures(args.classifier)
-    rows = (inpaint_rows(extractor, args.npz, args.fid_source, args.fid_split, args.resize_mode)
-            if args.kind == "inpaint" else interpolate_rows(extractor, args.npz))
+    data = RealData(args.fid_source, args.fid_split, resize_mode=args.resize_mode) if args.fid_source else None
+    rows = inpaint_rows(extractor, args.npz, data) if args.kind == "inpaint" else interpolate_rows(extractor, args.npz)
     sys.stdout.write("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():
+        main()

@@ -23,86 +23,30 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
 from torch import Tensor
 
-from diffusion_pl.core.tensors import from_uint8
-from diffusion_pl.data.sources import ImageData, load_split
-from diffusion_pl.metrics import (
-    ClassifierFeatures,
-    GenerativeMetrics,
-    ReferenceStatistics,
-    reference_statistics,
-)
+from diffusion_pl.cli.errors import user_errors_exit
+from diffusion_pl.data.image_files import read_image_files
+from diffusion_pl.data.sources import ImageData
+from diffusion_pl.metrics import ClassifierFeatures, RealData, RealReference, on_target
+from diffusion_pl.metrics.on_target import target_labels
 
 
-def to_model_range(images: np.ndarray | Tensor) -> Tensor:
-    """uint8 images N x H x W x C (numpy) or N x C x H x W (torch) -> float N x C x H x W in [-1, 1]."""
-    return from_uint8(torch.from_numpy(images).permute(0, 3, 1, 2) if isinstance(images, np.ndarray) else images)
-
-
-@torch.no_grad()
-def target_accuracy(net: torch.nn.Module, samples: np.ndarray, labels: np.ndarray,
-                    batch_size: int = 500) -> tuple[float, dict[int, float]]:
-    """Fraction of ``samples`` (uint8 N x H x W x C) that ``net`` classifies as ``labels`` (N,), overall and per
-    target class."""
-    predicted = torch.cat([net(batch).argmax(-1) for batch in to_model_range(samples).split(batch_size)]).numpy()
-    correct = predicted == labels
-    return float(correct.mean()), {int(c): float(correct[labels == c].mean()) for c in np.unique(labels)}
-
-
-@torch.no_grad()
-def class_references(extractor: ClassifierFeatures, real: ImageData, batch_size: int = 500
-                     ) -> dict[int, ReferenceStatistics]:
-    """Feature statistics of the real images of each class, computed once for every file and the floor."""
-    references = {}
-    for c in real.labels.unique().tolist():
-        images = to_model_range(real.images[real.labels == c])
-        references[c] = reference_statistics(images.split(batch_size), extractor, len(images), kid_size=len(images))
-    return references
-
-
-@torch.no_grad()
-def frechet_distance(extractor: ClassifierFeatures, reference: ReferenceStatistics, generated: Tensor) -> float:
-    """FID (Heusel et al. 2017) of ``generated`` images (float, [-1, 1]) against real ``reference`` statistics, in
-    the extractor's features."""
-    metrics = GenerativeMetrics(extractor.num_features, kid_subsets=1,
-                                kid_subset_size=min(reference.num_images, len(generated)))
-    metrics.load_reference(reference)
-    metrics.update(extractor(generated))
-    return metrics.compute(seed=0)["fid"]
-
-
-def per_class_fid(extractor: ClassifierFeatures, references: dict[int, ReferenceStatistics], samples: np.ndarray,
-                  labels: np.ndarray) -> dict[int, float]:
-    """FID of the samples aimed at each class against the real images of that class."""
-    return {int(c): frechet_distance(extractor, references[int(c)], to_model_range(samples[labels == c]))
-            for c in np.unique(labels)}
-
-
-def real_floor(extractor: ClassifierFeatures, references: dict[int, ReferenceStatistics], other: ImageData,
-               counts: dict[int, int]) -> dict[int, float]:
-    """Per-class FID of ``counts[c]`` real images of class c from ``other`` (the first ones) against the references:
-    what a generator indistinguishable from the data would score with that many samples."""
-    return {c: frechet_distance(extractor, references[c], to_model_range(other.images[other.labels == c][:n]))
-            for c, n in counts.items()}
-
-
-def read_samples(path: str, cycled_labels: list[int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """Samples and target labels of one .npz (``cycled_labels`` for a file without a ``labels`` array)."""
-    with np.load(path) as arrays:
-        samples = arrays["samples"]
-        if "labels" in arrays:
-            return samples, arrays["labels"]
-    if not cycled_labels:
-        raise SystemExit(f"{path} has no 'labels' array (an unguided run): pass --labels")
-    return samples, np.resize(np.array(cycled_labels), samples.shape[0])
+def class_references(extractor: ClassifierFeatures, real: ImageData, other: ImageData) -> dict[int, RealReference]:
+    """The real images of each class as a reference, with the other split's images of that class held out for the
+    floor; computed once for every file."""
+    return {c: RealReference.of_images(extractor, real.images[real.labels == c], other.images[other.labels == c])
+            for c in real.labels.unique().tolist()}
 
 
 def format_per_class(values: dict[int, float], spec: str) -> str:
     """``class:value`` pairs, each value formatted with ``spec``."""
     return " ".join(f"{c}:{v:{spec}}" for c, v in values.items())
+
+
+def per_class_fid(references: dict[int, RealReference], images: Tensor, labels: Tensor) -> dict[int, float]:
+    """FID of the samples aimed at each class against the real images of that class."""
+    return {int(c): references[int(c)].fid(images[labels == c]) for c in labels.unique()}
 
 
 def main() -> None:
@@ -120,28 +64,29 @@ def main() -> None:
     args = parser.parse_args()
     extractor = ClassifierFeatures(args.classifier)
     net = extractor.net
-    references = other = None
+    references = None
     if args.fid_source:
-        size = {"image_size": net.image_size, "channels": net.in_channels, "resize_mode": args.resize_mode}
-        references = class_references(extractor, load_split(args.fid_source, args.fid_split, **size))
-        other = load_split(args.fid_source, "train" if args.fid_split == "test" else "test", **size)
+        data = RealData(args.fid_source, args.fid_split, None, net.image_size, net.in_channels, args.resize_mode)
+        references = class_references(extractor, data.load(), data.other_split().load())
     header = "| samples | N | accuracy | per class |" + (" FID per class |" if references else "")
     rows = [header, "|---" * (header.count("|") - 1) + "|"]
     counts: dict[int, int] = {}
     for path in args.npz:
-        samples, labels = read_samples(path, args.labels)
-        overall, per_class = target_accuracy(net, samples, labels)
-        row = f"| {Path(path)} | {samples.shape[0]} | {overall:.4f} | {format_per_class(per_class, '.2f')} |"
+        files = read_image_files(path, "samples")
+        labels = target_labels(files.labels, args.labels, len(files.images), path)
+        scores = on_target(net, files.images, labels)
+        row = f"| {Path(path)} | {len(files.images)} | {scores.share:.4f} | {format_per_class(scores.per_class, '.2f')} |"
         if references is not None:
-            row += f" {format_per_class(per_class_fid(extractor, references, samples, labels), '.4g')} |"
-            counts = counts or {int(c): int((labels == c).sum()) for c in np.unique(labels)}
+            row += f" {format_per_class(per_class_fid(references, files.images, labels), '.4g')} |"
+            counts = counts or {int(c): int((labels == c).sum()) for c in labels.unique()}
         rows.append(row)
-    if references is not None and other is not None:
-        floor = real_floor(extractor, references, other, counts)
+    if references is not None:
+        floor = {c: references[c].floor(n) for c, n in counts.items()}
         rows.append(f"| real {args.fid_source} images (floor) | {sum(counts.values())} | | | "
                     f"{format_per_class(floor, '.4g')} |")
     sys.stdout.write("\n".join(rows) + "\n")
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_exit():
+        main()

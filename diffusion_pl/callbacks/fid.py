@@ -100,6 +100,12 @@ class FID(pl.Callback):
     ``<checkpoint stem>.metrics.json`` next to ``--ckpt_path`` (or ``metrics.json`` in the log dir).
     Nothing runs under ``fast_dev_run``.
 
+    FID is biased upward at small N (about FID_inf + c / N, c depending on the model; Chong & Forsyth 2020): these
+    ``num_samples``-image numbers compare checkpoints of one configuration, not with the 50k protocol of published
+    tables (50,000 samples against the training set in Inception features). For that, ``predict`` 50,000 samples and
+    score them with ``diffusion-pl-eval --inception`` (:mod:`diffusion_pl.metrics.evaluation`), whose ``--floor``
+    also gives the FID of as many real images.
+
     Args:
         extractor: Builds the feature extractor (called once per process at setup), e.g. ``class_path:
             diffusion_pl.metrics.InceptionFeatures`` or ``diffusion_pl.metrics.ClassifierFeatures`` with its

@@ -8,9 +8,12 @@ cause chain still holds the original exception, whose message says what was wron
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import sys
 from argparse import ArgumentError
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import yaml
@@ -108,3 +111,16 @@ def message(error: BaseException) -> str:
     if len(lines) > MAX_LINES:
         lines = lines[:MAX_LINES] + [f"... ({len(lines) - MAX_LINES} more lines; {DEBUG_FLAG} shows all)"]
     return "error: " + "\n".join(lines) + f"\n({hint})\n"
+
+
+@contextlib.contextmanager
+def user_errors_exit(debug: bool = False) -> Iterator[None]:
+    """Turn a :class:`UserError` raised inside into its one-screen :func:`message` on stderr and exit status 2 (a
+    command's or tool's main); with ``debug`` (or ``DIFFUSION_PL_DEBUG=1``) it propagates with its traceback."""
+    try:
+        yield
+    except UserError as error:
+        if debug or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        sys.stderr.write(message(error))
+        sys.exit(2)

@@ -42,6 +42,11 @@ def to_uint8(images: Tensor) -> Tensor:
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
+def quantized(images: Tensor) -> Tensor:
+    """Images in [-1, 1] as they are written (rounded to uint8 levels), back in [-1, 1]: what a file of them holds."""
+    return from_uint8(to_uint8(images))
+
+
 def batch_time(t: float, x: Tensor) -> Tensor:
     """The time ``t`` as a (B,) tensor on ``x``'s device and dtype."""
     return torch.full((x.shape[0],), t, device=x.device, dtype=x.dtype)

@@ -11,6 +11,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
     FeatureExtractorInceptionV3,
 )
 
+from diffusion_pl.core.errors import UserError
 from diffusion_pl.core.tensors import to_uint8
 from diffusion_pl.metrics.extractor import FeatureExtractor, Features
 
@@ -18,7 +19,7 @@ from diffusion_pl.metrics.extractor import FeatureExtractor, Features
 FEATURE_LAYERS: tuple[str, str] = ("2048", "logits_unbiased")
 
 
-class InceptionWeightsError(RuntimeError):
+class InceptionWeightsError(UserError, RuntimeError):
     """The Inception-v3 FID weights could not be loaded; the message says how to provide them."""
 
 
@@ -42,7 +43,8 @@ def _weights_fix(weights_path: str | None) -> str:
     return (
         "Fixes: run once on a machine with internet access (torch-fidelity caches the file under "
         "$TORCH_HOME/hub/checkpoints), or download "
-        f"{URL_INCEPTION_V3} elsewhere and pass its path as `weights_path` (InceptionFeatures), or use a domain "
+        f"{URL_INCEPTION_V3} elsewhere and pass its path as `weights_path` (InceptionFeatures) or `--inception-weights` "
+        "(diffusion-pl-eval), or use a domain "
         "classifier extractor (diffusion_pl.metrics.ClassifierFeatures, e.g. trained with "
         f"configs/classifier/fashion_mnist.yaml). Given weights_path={weights_path!r}."
     )

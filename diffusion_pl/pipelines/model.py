@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -46,6 +47,26 @@ def seeded_noise(process: ForwardProcess, shape: tuple[int, ...], seeds: list[in
     for a second draw per seed, e.g. a cascade's later stage), so an image depends only on its seed."""
     return torch.cat([process.prior_sample((1, *shape), generator=torch.Generator().manual_seed(
         seed if stream == 0 else derived_seed(seed, stream))) for seed in seeds])
+
+
+@torch.no_grad()
+def sample_seeds(model: GenerativeModel, num: int, batch_size: int, conditions: dict[str, Any] | None = None,
+                 stream: int = 0) -> tuple[Tensor, float]:
+    """``num`` images in [-1, 1] from seeds 0 .. num - 1 and the sampling seconds per image.
+
+    Image i starts from the noise of seed i (:func:`seeded_noise`, ``stream`` for a later stage's second draw), sees
+    its seed and entry i of each of ``conditions`` (e.g. ``label``, ``prompt``, an SR stage's ``low_res``), so it does
+    not depend on the batching; stochastic samplers' step noise comes from one generator seeded with ``stream``.
+    """
+    images, began = [], time.perf_counter()
+    generator = torch.Generator().manual_seed(stream)
+    for start in range(0, num, batch_size):
+        seeds = list(range(start, min(start + batch_size, num)))
+        noise = seeded_noise(model.process, model.latent_shape, seeds, stream)
+        batch = {"seed": torch.tensor(seeds),
+                 **{key: value[start:start + len(seeds)] for key, value in (conditions or {}).items()}}
+        images.append(model.sample(noise=noise, batch=batch, generator=generator).clamp(-1, 1))
+    return torch.cat(images), (time.perf_counter() - began) / num
 
 
 def sampling_process(model: SamplingModel) -> ForwardProcess:
