@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import yaml
 from helpers import REPO, Crash, set_callback, tiny_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from scipy import integrate
@@ -228,6 +229,7 @@ def test_both_averages_are_the_power_function_averages_of_the_run(runs: dict) ->
         assert torch.equal(checkpoint["current_model_state"][name], value)
     folder = next((runs["full"] / "lightning_logs").glob("version_*/power_ema"))
     assert sorted(snapshot_files(folder)) == [2, 4, 6, 8]
+    assert yaml.safe_load((folder.parent / "hparams.yaml").read_text())["ema_sigma_rel"] == 0.10
 
 
 @pytest.mark.slow
@@ -319,6 +321,16 @@ def test_command_errors_exit_2_with_one_message(tmp_path: Path, capsys: pytest.C
     err = capsys.readouterr().err
     assert says in err and "Traceback" not in err and len(err.splitlines()) <= 4
     assert not (tmp_path / "out.ckpt").exists()
+
+
+def test_command_keeps_the_run_checkpoint(synthetic_run: tuple[Path, dict], tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    directory, _ = synthetic_run
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"training state")
+    assert run_command("--snapshots", directory, "--sigma-rel", "0.08", "--output", checkpoint,
+                       "--checkpoint", checkpoint) == 2
+    assert "is the run's checkpoint" in capsys.readouterr().err and checkpoint.read_bytes() == b"training state"
 
 
 def test_command_names_a_missing_run_checkpoint(synthetic_run: tuple[Path, dict], tmp_path: Path,

@@ -17,7 +17,13 @@ from torch import Tensor
 from diffusion_pl.callbacks.ema_snapshots import read_snapshot, snapshot_files
 from diffusion_pl.callbacks.power_function import PowerAverage, posthoc_coefficients, sigma_rel_to_gamma
 from diffusion_pl.core.checkpoint_file import non_finite_weights, write_checkpoint
-from diffusion_pl.core.errors import CheckpointMismatchError, CheckpointNotFoundError, ConfigError, NonFiniteError
+from diffusion_pl.core.errors import (
+    CheckpointMismatchError,
+    CheckpointNotFoundError,
+    ConfigError,
+    NonFiniteError,
+    UserError,
+)
 from diffusion_pl.nets.loading import load_checkpoint
 
 log = logging.getLogger(__name__)
@@ -113,7 +119,14 @@ def with_weights(checkpoint: dict[str, Any], reconstruction: Reconstruction, sou
 def write_posthoc_checkpoint(snapshots: str | Path, sigma_rel: float, checkpoint: str | Path,
                              output: str | Path) -> Reconstruction:
     """Reconstruct the average of ``sigma_rel`` from the snapshot folder ``snapshots`` and write it to ``output`` as
-    ``checkpoint`` with those weights (atomic, checksummed)."""
+    ``checkpoint`` with those weights (atomic, checksummed).
+
+    Raises:
+        UserError: ``output`` is ``checkpoint`` (the run's training state would be lost).
+    """
+    if Path(output).resolve() == Path(checkpoint).resolve():
+        raise UserError(f"--output {output} is the run's checkpoint: writing the reconstruction there would drop its "
+                        "training state; choose another file")
     reconstruction = reconstruct(read_snapshots(snapshots), sigma_rel)
     base = load_checkpoint(checkpoint, what="checkpoint of the run")
     if base.get("global_step") != reconstruction.step:
