@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
                          help=f"the run's snapshot folder (<log_dir>/{FOLDER})")
     command.add_argument("--sigma-rel", type=sigma_rel, required=True,
                          help=f"the EMA length to reconstruct, relative to the training time, in (0, {MAX_SIGMA_REL:.4f})"
-                              " (EDM2 eq. 3; 0.05-0.15 is the usual range)")
+                              " (EDM2 eq. 3)")
     command.add_argument("--output", type=Path, required=True, help="the checkpoint to write")
     command.add_argument("--checkpoint", type=Path, default=None,
                          help="a checkpoint of the run, whose weights are replaced (default: "
