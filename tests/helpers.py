@@ -159,6 +159,17 @@ class LossRecorder(pl.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
+class Crash(pl.Callback):
+    """Simulates a killed job: raises when step ``at`` + 1 would start (after step ``at`` was checkpointed)."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
+        if trainer.global_step == self.at:
+            raise KeyboardInterrupt
+
+
 def run_cli_processes(commands: list[list[str]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """Run each argument list as ``python -m diffusion_pl ARGS`` in a process of its own (exit status, stdout and
     stderr as a user sees them), forked from one interpreter that imported the command line once

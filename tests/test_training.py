@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import LossRecorder, set_callback, tiny_cli
+from helpers import Crash, LossRecorder, set_callback, tiny_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -32,17 +32,6 @@ def fit(root: Path, *extra: str, ckpt_path: str | None = None, grid: dict | None
 
 RESUME_ARGS = ("--trainer.val_check_interval=4", "--trainer.limit_val_batches=2", "--data.init_args.random_flip=true",
                "--model.init_args.net.init_args.dropout=0.1")
-
-
-class Crash(pl.Callback):
-    """Simulates a killed job: raises when step ``at`` + 1 would start (after step ``at`` was checkpointed)."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_train_batch_start(self, trainer: pl.Trainer, *args: object) -> None:
-        if trainer.global_step == self.at:
-            raise KeyboardInterrupt
 
 
 @pytest.mark.parametrize("interrupt_at", [6, 11])

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights, through Lightning's WeightAveraging."""
+"""Exponential moving average of the weights, through Lightning's WeightAveraging; the base of every averaging."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 from collections.abc import Iterator
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from torch import Tensor, nn
 
 
@@ -70,31 +70,17 @@ def ema_update(averaged: Tensor, current: Tensor, num_averaged: Tensor, *, decay
     return decay * averaged + (1.0 - decay) * current
 
 
-class EMA(EMAWeightAveraging):
-    """EMA of all weights, theta_ema <- decay theta_ema + (1 - decay) theta (Ho et al. 2020 use decay 0.9999).
+class WeightAverage(WeightAveraging):
+    """The framework's weight averaging (:class:`EMA`, :class:`~diffusion_pl.callbacks.PowerEMA`): Lightning's
+    WeightAveraging whose averaged copy lives on the training device (the base class would build it before the model
+    moves to the GPU) and shares the frozen submodules (a latent model's first stage, a frozen text encoder) instead
+    of copying them, and whose raw weights stay in the model after ``fit`` (use a checkpoint or
+    :func:`averaged_module` for the average).
 
-    Lightning swaps the averaged weights in for validation, stores them as the checkpoint's
-    ``state_dict`` (so ``validate``/``test``/``predict`` from a checkpoint use them) and keeps the raw
-    weights and the averaging state for exact resume. Unlike the base class, the averaged copy lives on
-    the training device (the base class would build it before the model moves to the GPU), and the raw
-    weights stay in the model after ``fit`` (use a checkpoint or :func:`averaged_module` for the average). Frozen
-    submodules (a latent model's first stage, a frozen text encoder) are shared with the averaged copy, not copied.
-
-    Args:
-        decay: EMA decay per update.
-        update_every_n_steps: Update the average every N optimizer steps.
-        update_starting_at_step: First optimizer step (0-based) that updates the average.
-        device: Device of the averaged copy; defaults to the training device.
+    Lightning swaps the averaged weights in for validation, stores them as the checkpoint's ``state_dict`` (so
+    ``validate``/``test``/``predict`` from a checkpoint use them) and keeps the raw weights and the averaging state for
+    exact resume.
     """
-
-    def __init__(self, decay: float = 0.9999, update_every_n_steps: int = 1,
-                 update_starting_at_step: int | None = None, device: str | None = None) -> None:
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        super().__init__(device=device, decay=decay, update_every_n_steps=update_every_n_steps,
-                         update_starting_at_step=update_starting_at_step)
-        self.decay = decay
-        self._kwargs["avg_fn"] = functools.partial(ema_update, decay=decay)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if self._device is None:
@@ -116,10 +102,31 @@ class EMA(EMAWeightAveraging):
         return None if self._average_model is None else self._average_model.module
 
 
+class EMA(WeightAverage, EMAWeightAveraging):
+    """EMA of all weights, theta_ema <- decay theta_ema + (1 - decay) theta (Ho et al. 2020 use decay 0.9999), as a
+    :class:`WeightAverage`.
+
+    Args:
+        decay: EMA decay per update.
+        update_every_n_steps: Update the average every N optimizer steps.
+        update_starting_at_step: First optimizer step (0-based) that updates the average.
+        device: Device of the averaged copy; defaults to the training device.
+    """
+
+    def __init__(self, decay: float = 0.9999, update_every_n_steps: int = 1,
+                 update_starting_at_step: int | None = None, device: str | None = None) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        super().__init__(device=device, decay=decay, update_every_n_steps=update_every_n_steps,
+                         update_starting_at_step=update_starting_at_step)
+        self.decay = decay
+        self._kwargs["avg_fn"] = functools.partial(ema_update, decay=decay)
+
+
 def averaged_module(trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
-    """The EMA copy of ``pl_module`` while an :class:`EMA` callback is fitting, else ``pl_module`` itself
-    (outside fitting, checkpoints already hold the averaged weights)."""
+    """The averaged copy of ``pl_module`` while a :class:`WeightAverage` callback (EMA, PowerEMA) is fitting, else
+    ``pl_module`` itself (outside fitting, checkpoints already hold the averaged weights)."""
     for callback in trainer.callbacks:
-        if isinstance(callback, EMA) and callback.averaged_module is not None:
+        if isinstance(callback, WeightAverage) and callback.averaged_module is not None:
             return callback.averaged_module
     return pl_module

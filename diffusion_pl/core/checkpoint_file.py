@@ -228,8 +228,10 @@ def verify_file(path: str | Path) -> str:
         raise corrupt_error(path, str(damage)) from None
 
 
-def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", weights_only: bool = True) -> dict[str, Any]:
-    """Verify a checkpoint file (:func:`verify_file`), then ``torch.load`` it.
+def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", weights_only: bool = True,
+                    mmap: bool = False) -> dict[str, Any]:
+    """Verify a checkpoint file (:func:`verify_file`), then ``torch.load`` it (``mmap``: tensors memory-mapped, read
+    from the file when used).
 
     Raises:
         CheckpointNotFoundError: No such file.
@@ -242,7 +244,7 @@ def read_checkpoint(path: str | Path, *, map_location: Any = "cpu", weights_only
         raise CheckpointNotFoundError(f"checkpoint {path} not found{_others_hint(path) or ': check the path'}")
     check = verify_file(path)
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as error:  # torch raises many types for damaged files
         first_line = (str(error).strip().splitlines() or [""])[0].split(". ")[0][:160]
         if check == "unchecked":  # not a complete zip archive, and not an old-format checkpoint either

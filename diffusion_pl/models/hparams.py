@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EMAWeightAveraging
+from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
@@ -42,7 +42,8 @@ def flatten(value: Any, prefix: str) -> dict[str, Scalar]:
 
 
 def training_hparams(module: pl.LightningModule, parameters: nn.Module) -> dict[str, Scalar]:
-    """Effective batch, base learning rate, parameter count, EMA decay and the data set of a fitting module."""
+    """Effective batch, base learning rate, parameter count, EMA decay (or power EMA sigma_rel) and the data set of a
+    fitting module."""
     trainer = module.trainer
     group = trainer.optimizers[0].param_groups[0]
     out: dict[str, Scalar] = {"base_lr": group.get("initial_lr", group["lr"]),
@@ -55,6 +56,8 @@ def training_hparams(module: pl.LightningModule, parameters: nn.Module) -> dict[
     for callback in trainer.callbacks:
         if isinstance(callback, EMAWeightAveraging):
             out["ema_decay"] = float(getattr(callback, "decay", float("nan")))
+        elif isinstance(callback, WeightAveraging) and hasattr(callback, "evaluate_sigma_rel"):  # PowerEMA
+            out["ema_sigma_rel"] = float(callback.evaluate_sigma_rel)
     return out
 
 
