@@ -1,5 +1,6 @@
 """Shared pytest setup: the test helpers (tests/analytic.py, tests/helpers.py) importable; one thread per xdist
-worker; Inception weights that need no download; the time of the ``slow`` tier printed at the end of the run.
+worker; Inception weights that need no download; fixtures that several test files use; the time of the ``slow`` tier
+printed at the end of the run.
 
 The suite runs on 2 workers (``-n 2`` in setup.cfg's addopts, pytest-xdist). Each worker and the processes its tests
 start use one thread (``OMP_NUM_THREADS=1``): two workers of two threads each on a 2-core machine run slower than
@@ -12,8 +13,12 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from diffusion_pl.processes import DiscreteProcess
 
 TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
@@ -52,6 +57,27 @@ def random_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
         net = fidelity_inception.FeatureExtractorInceptionV3("random", ["2048"])
     torch.save(net.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="module")
+def process() -> DiscreteProcess:
+    """The linear 1000-step DDPM process that the guidance tests (closed forms on Gaussian mixtures) share."""
+    from diffusion_pl.processes import DiscreteProcess
+
+    return DiscreteProcess(1000, "linear")
+
+
+@pytest.fixture(scope="module")
+def tiny_clip_encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny CLIP (8x8 grayscale images, 32-wide embedding, one layer per tower, 8 tokens) built after
+    ``torch.manual_seed(0)`` and exported: the path the Text conditioner and CLIP guidance take."""
+    import torch
+
+    from diffusion_pl.nets.clip import CLIPNet
+
+    torch.manual_seed(0)
+    net = CLIPNet(image_size=8, in_channels=1, embed_dim=32, vision_layers=1, context_length=8, transformer_layers=1)
+    return str(net.export(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -1,20 +1,32 @@
-"""Helpers for end-to-end tests: a tiny-net CLI invocation on the bundled digits data."""
+"""Helpers for end-to-end tests: the command line run in this process on tiny nets and the bundled digits data
+(``run_cli``, ``run_trainer``), as real processes (``cli_process``, ``start_cli_process``, ``run_cli_processes``),
+and what the runs write (``last_checkpoint``, ``read_samples``).
+
+``run_cli("fit", config, *overrides, root=...)`` is ``diffusion-pl fit --config CONFIG ... OVERRIDES`` with the
+tiny-net overrides (``tiny_args``) after the config; ``run_cli(None, ...)`` builds the CLI without running it.
+``run_trainer("fit", ...)`` builds it and calls the Trainer itself, for tests that add callbacks of their own.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import lightning.pytorch as pl
+import numpy as np
+import pytest
 import torch
 
-from diffusion_pl.cli import DiffusionCLI, build_cli
+if TYPE_CHECKING:  # the command line is imported when a test runs it: tests of plain Trainers do without it
+    from diffusion_pl.cli import DiffusionCLI
 
 REPO = Path(__file__).resolve().parent.parent
 DDPM_FASHION = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
@@ -60,12 +72,24 @@ TINY_STEPS = ["--model.init_args.sampler.steps=100"]
 TINY_AUTOENCODER = Path(tempfile.gettempdir()) / "diffusion_pl_tiny_autoencoder.ckpt"
 
 
-def tiny_args(root: Path, *extra: str, config: str = DDPM_FASHION) -> list[str]:
-    """CLI arguments (without the subcommand) for a tiny run of ``config`` writing under ``root``."""
-    return ["--config", config, f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", *tiny_net(Path(config).read_text()), *TINY_DATA,
-            *tiny_process(Path(config).read_text()), *tiny_text_encoder(Path(config).read_text()),
-            *tiny_first_stage(Path(config).read_text()), *extra]
+def config_path(config: str | Path) -> str:
+    """A config given by its path, absolute or relative to the repository (``configs/ddpm/cifar10.yaml``)."""
+    return str(REPO / config)
+
+
+def config_args(config: str | Path, overlays: Sequence[str | Path] = ()) -> list[str]:
+    """``--config CONFIG`` and ``--config OVERLAY`` for each overlay (applied after the config, in order)."""
+    return [arg for path in (config, *overlays) for arg in ("--config", config_path(path))]
+
+
+def tiny_args(root: Path, *extra: str, config: str | Path = DDPM_FASHION,
+              overlays: Sequence[str | Path] = ()) -> list[str]:
+    """CLI arguments (without the subcommand) for a tiny run of ``config`` (and ``overlays`` right after it, before
+    the tiny overrides) writing under ``root``; ``extra`` last."""
+    text = Path(config_path(config)).read_text()
+    return [*config_args(config, overlays), f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false", *tiny_net(text), *TINY_DATA, *tiny_process(text),
+            *tiny_text_encoder(text), *tiny_first_stage(text), *extra]
 
 
 def tiny_net(config_text: str) -> list[str]:
@@ -135,9 +159,95 @@ def tiny_process(config_text: str) -> list[str]:
     return TINY_DISCRETE + (TINY_STEPS if any(n > 100 for n in steps) else [])
 
 
-def tiny_cli(root: Path, *extra: str, config: str = DDPM_FASHION) -> DiffusionCLI:
-    """Build (without running) the CLI for a tiny run."""
-    return build_cli(tiny_args(root, *extra, config=config), run=False)
+def cli_args(config: str | Path, *overrides: str, root: Path | None = None, overlays: Sequence[str | Path] = (),
+             tiny: bool = True) -> list[str]:
+    """The arguments (without the subcommand) of a run of ``config`` under ``root``: ``tiny_args``, or with
+    ``tiny=False`` the config, overlays, root (when given) and ``overrides`` alone."""
+    if tiny:
+        if root is None:
+            raise ValueError("a tiny run needs a root directory")
+        return tiny_args(root, *overrides, config=config, overlays=overlays)
+    return [*config_args(config, overlays), *([f"--trainer.default_root_dir={root}"] if root is not None else []),
+            *overrides]
+
+
+def run_cli(subcommand: str | None, config: str | Path, *overrides: str, root: Path | None = None,
+            overlays: Sequence[str | Path] = (), tiny: bool = True,
+            ckpt_path: str | Path | None = None) -> DiffusionCLI:
+    """``diffusion-pl SUBCOMMAND`` of ``config`` in this process, as the command line runs it (the parser sees
+    ``--ckpt_path``); the CLI afterwards. ``subcommand=None`` builds the CLI (model, data, Trainer) without running
+    anything (LightningCLI's ``run=False``, which has no ``--ckpt_path``). Arguments: ``cli_args``. Parse errors exit
+    (``SystemExit``) as on the command line; other errors are raised."""
+    from diffusion_pl.cli import build_cli
+
+    args = cli_args(config, *overrides, root=root, overlays=overlays, tiny=tiny)
+    if subcommand is None:
+        if ckpt_path is not None:
+            raise ValueError("a CLI built without a subcommand takes no ckpt_path: give it to run_trainer")
+        return build_cli(args, run=False)
+    return build_cli([subcommand, *args, *([f"--ckpt_path={ckpt_path}"] if ckpt_path is not None else [])])
+
+
+def run_trainer(method: str, config: str | Path, *overrides: str, root: Path | None = None,
+                overlays: Sequence[str | Path] = (), tiny: bool = True, ckpt_path: str | Path | None = None,
+                callbacks: Sequence[pl.Callback] = (), prepend: Sequence[pl.Callback] = (),
+                settings: Mapping[type, Mapping[str, Any]] | None = None, remove: tuple[type, ...] = (),
+                configure: Callable[[DiffusionCLI], object] | None = None) -> DiffusionCLI:
+    """Build the CLI (``run_cli(None, ...)``), adapt its Trainer and call ``trainer.<method>`` (fit, validate, test
+    or predict, the last without returning predictions) on its model and data; the CLI afterwards.
+
+    For tests that watch or steer a run from inside: ``callbacks`` are appended to the Trainer's, ``prepend`` put
+    first (in order), ``settings`` sets attributes of configured callbacks by type (``set_callback``), callbacks of
+    the types in ``remove`` are dropped, then ``configure(cli)`` runs. ``ckpt_path`` goes to the Trainer method (the
+    parser never sees it, unlike ``run_cli``'s)."""
+    cli = run_cli(None, config, *overrides, root=root, overlays=overlays, tiny=tiny)
+    for kind, attributes in (settings or {}).items():
+        set_callback(cli, kind, **attributes)
+    if remove:
+        cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, remove)]
+    cli.trainer.callbacks[:0] = list(prepend)
+    cli.trainer.callbacks.extend(callbacks)
+    if configure is not None:
+        configure(cli)
+    options = {"return_predictions": False} if method == "predict" else {}
+    getattr(cli.trainer, method)(cli.model, datamodule=cli.datamodule,
+                                 ckpt_path=None if ckpt_path is None else str(ckpt_path), **options)
+    return cli
+
+
+def tiny_cli(root: Path, *extra: str, config: str | Path = DDPM_FASHION) -> DiffusionCLI:
+    """Build (without running) the CLI for a tiny run: ``run_cli(None, config, *extra, root=root)``."""
+    return run_cli(None, config, *extra, root=root)
+
+
+def last_checkpoint(root: Path) -> Path:
+    """The ``last.ckpt`` a run under ``root`` wrote."""
+    return next(root.rglob("last.ckpt"))
+
+
+def read_samples(root: Path, *, grid: bool = False) -> dict[str, np.ndarray]:
+    """The arrays of the ``samples.npz`` that a ``predict`` under ``root`` wrote; ``grid``: check that it wrote a
+    non-empty ``grid.png`` too."""
+    if grid:
+        assert next(root.rglob("grid.png")).stat().st_size > 0
+    with np.load(next(root.rglob("samples.npz"))) as arrays:
+        return dict(arrays)
+
+
+def predict_samples(config: str | Path, *overrides: str, root: Path, ckpt_path: str | Path | None = None,
+                    overlays: Sequence[str | Path] = (), tiny: bool = True,
+                    grid: bool = False) -> dict[str, np.ndarray]:
+    """``run_cli("predict", ...)``; the arrays of the samples.npz it wrote (``read_samples``)."""
+    run_cli("predict", config, *overrides, root=root, overlays=overlays, tiny=tiny, ckpt_path=ckpt_path)
+    return read_samples(root, grid=grid)
+
+
+def sample_grid(every_n_steps: int = 0, num_samples: int = 4) -> dict[type, dict[str, int]]:
+    """``run_trainer``'s ``settings`` for the configured ``SampleGrid``: a grid of ``num_samples`` images every
+    ``every_n_steps`` steps (0: none during training)."""
+    from diffusion_pl.callbacks import SampleGrid
+
+    return {SampleGrid: {"every_n_steps": every_n_steps, "num_samples": num_samples}}
 
 
 def set_callback(cli: DiffusionCLI, kind: type, **attributes: Any) -> pl.Callback:
@@ -170,13 +280,60 @@ class Crash(pl.Callback):
             raise KeyboardInterrupt
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a ``python -m diffusion_pl`` process: the checkout and the test probes (ddp_probe)
+    importable, no SLURM variables of an enclosing job, no debug switch (messages as a user sees them)."""
+    from ddp_probe import subprocess_env
+
+    return {k: v for k, v in subprocess_env().items() if k != "DIFFUSION_PL_DEBUG"}
+
+
+def start_cli_process(*args: str, **popen: Any) -> subprocess.Popen:
+    """``python -m diffusion_pl ARGS`` started in a process group of its own (``os.killpg`` ends it and the ranks
+    it starts), from the repository with ``cli_env()``; stdout and stderr together in ``stdout`` unless ``popen``
+    says otherwise."""
+    options = {"cwd": REPO, "env": cli_env(), "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True,
+               "start_new_session": True, **popen}
+    return subprocess.Popen([sys.executable, "-m", "diffusion_pl", *args], **options)
+
+
+def cli_process(*args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``python -m diffusion_pl ARGS`` (``start_cli_process``) to its end; its exit status, stdout and stderr.
+    A run past ``timeout`` seconds (a hang, e.g. a collective on one DDP rank only) is killed with its process
+    group and fails the test; ``check``: so does a non-zero exit status."""
+    process = start_cli_process(*args, stderr=subprocess.PIPE)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"`diffusion-pl {' '.join(args[:1])}` did not finish in {timeout} s (a hang?):\n"
+                    f"{(stdout + stderr)[-5000:]}")
+    if check:
+        assert process.returncode == 0, f"exit status {process.returncode}:\n{stdout[-3000:]}{stderr[-5000:]}"
+    return subprocess.CompletedProcess(["python", "-m", "diffusion_pl", *args], process.returncode, stdout, stderr)
+
+
+def fit_bare(model: pl.LightningModule, datamodule: pl.LightningDataModule, root: Path, *, every_n_steps: int,
+             ckpt_path: str | None = None, **trainer_options: Any) -> pl.Trainer:
+    """Fit ``model`` for 2 epochs with a bare CPU Trainer (no logger, bar, summary or sanity check), no CLI: a
+    first run (no ``ckpt_path``) saves a checkpoint every ``every_n_steps`` steps under ``root``, a resumed one
+    none."""
+    saving = ckpt_path is None
+    callbacks = [pl.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=every_n_steps, save_top_k=-1)]
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=root,
+                         enable_checkpointing=saving, callbacks=callbacks if saving else [], **trainer_options)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    return trainer
+
+
 def run_cli_processes(commands: list[list[str]], timeout: float = 600) -> list[subprocess.CompletedProcess]:
     """Run each argument list as ``python -m diffusion_pl ARGS`` in a process of its own (exit status, stdout and
     stderr as a user sees them), forked from one interpreter that imported the command line once
-    (tests/forked_cli.py); the environment without SLURM variables or the debug switch."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "DIFFUSION_PL_DEBUG"}
+    (tests/forked_cli.py); the environment ``cli_env()``."""
     driver = subprocess.run([sys.executable, str(Path(__file__).parent / "forked_cli.py")], input=json.dumps(commands),
-                            cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
     if driver.returncode != 0:
         raise RuntimeError(f"tests/forked_cli.py failed:\n{driver.stderr[-3000:]}")
     return [subprocess.CompletedProcess(["python", "-m", "diffusion_pl", *args], result["returncode"],

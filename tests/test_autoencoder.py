@@ -15,7 +15,6 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributions import Normal, kl_divergence
 
 from diffusion_pl.callbacks import EMA, ReconstructionGrid, ResumeRNGState
-from diffusion_pl.cli import build_cli
 from diffusion_pl.data import ImageDataModule
 from diffusion_pl.metrics.super_resolution import psnr
 from diffusion_pl.models import AutoencoderModule, WarmupLR
@@ -23,7 +22,7 @@ from diffusion_pl.models.autoencoder import autoencoder_steps
 from diffusion_pl.nets import DiagonalGaussian, KLAutoencoder, PatchDiscriminator
 from diffusion_pl.nets.autoencoder import adaptive_weight, discriminator_loss
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
-from helpers import REPO, tiny_args
+from helpers import REPO, run_cli
 
 AE_CONFIG = str(REPO / "configs" / "ldm" / "autoencoder_fashion_mnist.yaml")
 
@@ -218,9 +217,8 @@ def test_ema_checkpoint_rebuild_and_reload(tmp_path: Path) -> None:
 
 
 def test_fit_through_the_config_logs_reconstruction_metrics_and_grids(tmp_path: Path) -> None:
-    cli = build_cli(["fit", *tiny_args(tmp_path, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
-                                       "--trainer.limit_val_batches=2", "--data.init_args.num_workers=0",
-                                       config=AE_CONFIG)])
+    cli = run_cli("fit", AE_CONFIG, "--trainer.max_steps=4", "--trainer.val_check_interval=2",
+                  "--trainer.limit_val_batches=2", "--data.init_args.num_workers=0", root=tmp_path)
     metrics = cli.trainer.callback_metrics
     assert cli.trainer.global_step == 4 and isinstance(cli.model, AutoencoderModule)
     assert 5 < float(metrics["val/ae_psnr"]) < 100 and 0 < float(metrics["val/ae_l1"]) < 2

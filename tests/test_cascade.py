@@ -10,10 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_DATA, tiny_args
+from helpers import REPO, TINY_DATA, last_checkpoint, predict_samples, read_samples, run_cli
 from torch import Tensor
 
-from diffusion_pl.cli import build_cli
 from diffusion_pl.conditioning import (
     ClassLabel,
     Compose,
@@ -190,21 +189,21 @@ def test_downsampled_data_is_the_block_mean_of_the_full_size_data() -> None:
 # ------------------------------------------------------------------------------------------- end to end
 
 
-def tiny_stage(root: Path, config: str, *extra: str) -> Path:
-    """Train a tiny stage of ``config`` for 2 steps and return its checkpoint."""
-    build_cli(["fit", *tiny_args(root, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-                                 "--trainer.limit_val_batches=1", "--model.init_args.sampler.init_args.steps=4",
-                                 *extra, config=config)])
-    return next(root.rglob("last.ckpt"))
+# A tiny stage: 2 steps, validated at the second; a 4x4 base stage (the 8x8 data downsampled) has no attention.
+STAGE_FIT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+             "--model.init_args.sampler.init_args.steps=4"]
+BASE_4X4 = ["--data.init_args.image_size=4", "--data.init_args.downsample=2",
+            "--model.init_args.net.init_args.attention_resolutions=[]"]
+# A cascade config (its trained stages' own nets) predicts on the tiny data: no tiny-net overrides (tiny=False).
+CASCADE_PREDICT = [*TINY_DATA, "--trainer.enable_progress_bar=false"]
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("stages")
-    base = tiny_stage(root / "base", BASE, "--data.init_args.image_size=4", "--data.init_args.downsample=2",
-                      "--model.init_args.net.init_args.attention_resolutions=[]")
-    sr = tiny_stage(root / "sr", SR)
-    return base, sr
+    run_cli("fit", BASE, *STAGE_FIT, *BASE_4X4, root=root / "base")
+    run_cli("fit", SR, *STAGE_FIT, root=root / "sr")
+    return last_checkpoint(root / "base"), last_checkpoint(root / "sr")
 
 
 def cascade_config(path: Path, base: Path, sr: Path) -> str:
@@ -214,13 +213,6 @@ def cascade_config(path: Path, base: Path, sr: Path) -> str:
             .replace("steps: 50", "steps: 4").replace("samplers.DDPM", "samplers.DDIM"))  # deterministic
     path.write_text(text)
     return str(path)
-
-
-def predict_cascade(root: Path, config: str, *extra: str) -> dict[str, np.ndarray]:
-    build_cli(["predict", "--config", config, f"--trainer.default_root_dir={root}", *TINY_DATA,
-               "--trainer.enable_progress_bar=false", *extra])
-    with np.load(root / "predictions" / "samples.npz") as arrays:
-        return dict(arrays)
 
 
 def test_sr_stage_logs_psnr_and_consistency(stages: tuple[Path, Path]) -> None:
@@ -235,10 +227,11 @@ def test_sr_stage_logs_psnr_and_consistency(stages: tuple[Path, Path]) -> None:
 def test_cascade_predict_writes_every_stage_and_seeds_fix_the_images(stages: tuple[Path, Path],
                                                                      tmp_path: Path) -> None:
     config = cascade_config(tmp_path / "cascade.yaml", *stages)
-    one = predict_cascade(tmp_path / "a", config, "--data.init_args.predict_num_samples=4",
-                          "--data.init_args.predict_batch_size=4")
-    two = predict_cascade(tmp_path / "b", config, "--data.init_args.predict_num_samples=4",
-                          "--data.init_args.predict_batch_size=1")
+    run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.predict_num_samples=4",
+            "--data.init_args.predict_batch_size=4", root=tmp_path / "a", tiny=False)
+    run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.predict_num_samples=4",
+            "--data.init_args.predict_batch_size=1", root=tmp_path / "b", tiny=False)
+    one, two = read_samples(tmp_path / "a" / "predictions"), read_samples(tmp_path / "b" / "predictions")
     assert one["stage0"].shape == (4, 4, 4, 1) and one["samples"].shape == (4, 8, 8, 1)
     np.testing.assert_array_equal(one["samples"], one["stage1"])
     for key in ("stage0", "samples"):
@@ -246,33 +239,27 @@ def test_cascade_predict_writes_every_stage_and_seeds_fix_the_images(stages: tup
     assert {p.name for p in (tmp_path / "a" / "predictions").iterdir()} >= {
         "samples.npz", "grid.png", "grid_stage0.png", "grid_stage1.png"}
     # the base stage alone, sampled by predict from the same seeds, gives the cascade's first stage
-    build_cli(["predict", *tiny_args(tmp_path / "base", "--data.init_args.image_size=4",
-                                     "--data.init_args.downsample=2", "--data.init_args.predict_num_samples=4",
-                                     "--model.init_args.net.init_args.attention_resolutions=[]",
-                                     "--model.init_args.sampler.init_args.steps=4", config=BASE),
-               f"--ckpt_path={stages[0]}"])
-    with np.load(next((tmp_path / "base").rglob("samples.npz"))) as arrays:
-        np.testing.assert_array_equal(arrays["samples"], one["stage0"])
+    base = predict_samples(BASE, *BASE_4X4, "--data.init_args.predict_num_samples=4",
+                           "--model.init_args.sampler.init_args.steps=4", root=tmp_path / "base", ckpt_path=stages[0])
+    np.testing.assert_array_equal(base["samples"], one["stage0"])
 
 
 def test_super_resolve_predicts_from_an_npz_of_low_res_images(stages: tuple[Path, Path], tmp_path: Path) -> None:
     low = np.random.default_rng(0).integers(0, 256, size=(3, 4, 4, 1), dtype=np.uint8)
     np.savez(tmp_path / "low.npz", images=low)
-    root = tmp_path / "sr"
-    build_cli(["predict", *tiny_args(root, "--model.init_args.sampler.init_args.steps=4",
-                                     "--model.init_args.predict_task=diffusion_pl.pipelines.SuperResolve",
-                                     f"--data.init_args.predict_images={tmp_path / 'low.npz'}", config=SR),
-               f"--ckpt_path={stages[1]}"])
-    with np.load(next(root.rglob("samples.npz"))) as arrays:
-        assert arrays["samples"].shape == (3, 8, 8, 1)
-        np.testing.assert_array_equal(arrays["low_res"], low)
-        assert arrays["labels"].tolist() == [-1, -1, -1]
+    arrays = predict_samples(SR, "--model.init_args.sampler.init_args.steps=4",
+                             "--model.init_args.predict_task=diffusion_pl.pipelines.SuperResolve",
+                             f"--data.init_args.predict_images={tmp_path / 'low.npz'}", root=tmp_path / "sr",
+                             ckpt_path=stages[1])
+    assert arrays["samples"].shape == (3, 8, 8, 1)
+    np.testing.assert_array_equal(arrays["low_res"], low)
+    assert arrays["labels"].tolist() == [-1, -1, -1]
 
 
 def test_cascade_with_a_wrong_final_size_says_so(stages: tuple[Path, Path], tmp_path: Path) -> None:
     config = cascade_config(tmp_path / "cascade.yaml", *stages)
     with pytest.raises(ValueError, match="last cascade stage makes 1x8x8"):
-        predict_cascade(tmp_path / "c", config, "--data.init_args.image_size=16")
+        run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.image_size=16", root=tmp_path / "c", tiny=False)
 
 
 @pytest.mark.parametrize("order", ["base, base", "sr, sr"])
@@ -283,7 +270,7 @@ def test_stages_of_the_wrong_kind_are_refused(stages: tuple[Path, Path], tmp_pat
     Path(config).write_text(re.sub(r"\n\s*sampling_level: .*", "", Path(config).read_text()))  # a base has none
     expected = "stage 1 .* is not a super-resolution stage" if order == "base, base" else "stage 0 .* is a super-res"
     with pytest.raises(ValueError, match=expected):
-        predict_cascade(tmp_path / "c", config)
+        run_cli("predict", config, *CASCADE_PREDICT, root=tmp_path / "c", tiny=False)
 
 
 def test_sampling_level_of_a_base_stage_is_refused(stages: tuple[Path, Path], tmp_path: Path) -> None:

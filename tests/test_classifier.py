@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion_pl.cli import build_cli
 from diffusion_pl.data import ImageDataModule
 from diffusion_pl.data.sources import ImageData, load_split
 from diffusion_pl.metrics import ClassifierFeatures
@@ -22,7 +21,7 @@ from diffusion_pl.models.classifier import ClassifierModule
 from diffusion_pl.nets.classifier import load_classifier_net
 from diffusion_pl.nets.classifier import EncoderClassifier
 from diffusion_pl.processes import DiscreteProcess
-from helpers import REPO, tiny_args
+from helpers import REPO, run_cli
 
 CLASSIFIER_CONFIG = str(REPO / "configs" / "classifier" / "fashion_mnist.yaml")
 
@@ -171,7 +170,7 @@ def test_load_classifier_net_says_how_to_fix(tmp_path: Path) -> None:
 
 def test_config_fast_dev_run_logs_accuracy(tmp_path: Path) -> None:
     """The Fashion-MNIST classifier config, shrunk by the shared tiny overrides."""
-    cli = build_cli(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run=true", config=CLASSIFIER_CONFIG)])
+    cli = run_cli("fit", CLASSIFIER_CONFIG, "--trainer.fast_dev_run=true", root=tmp_path)
     assert isinstance(cli.model, ClassifierModule)
     assert {"train/acc", "val/acc", "val/loss"} <= set(cli.trainer.callback_metrics)
     path = tmp_path / "cli.ckpt"  # fast_dev_run writes no checkpoint: save one by hand
@@ -184,7 +183,6 @@ def test_config_fast_dev_run_logs_accuracy(tmp_path: Path) -> None:
 
 
 def test_config_trains_a_clean_classifier(tmp_path: Path) -> None:
-    args = ["--config", CLASSIFIER_CONFIG, f"--trainer.default_root_dir={tmp_path}"]
-    cli = build_cli(args, run=False)
+    cli = run_cli(None, CLASSIFIER_CONFIG, root=tmp_path, tiny=False)
     assert cli.model.process is None and not cli.model.net.time_conditional
     assert (cli.model.net.image_size, cli.model.net.in_channels) == (32, 1) and cli.model.net.num_classes == 10

@@ -10,19 +10,14 @@ from pathlib import Path
 import pytest
 
 from diffusion_pl.callbacks.progress import RunProgressBar
-from diffusion_pl.cli import build_cli
 from diffusion_pl.data.sources import DatasetNotFoundError
 from diffusion_pl.samplers import DDPM
-from helpers import REPO, tiny_args
+from helpers import DDPM_FASHION, REPO, last_checkpoint, run_cli
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 # Configs of trained models put together for predict (cascades): tests/test_cascade.py runs them on tiny stages.
 PREDICT_ONLY = [config for config in CONFIGS if "diffusion_pl.models.CascadeModule" in (REPO / config).read_text()]
 FIT_CONFIGS = [config for config in CONFIGS if config not in PREDICT_ONLY]
-
-
-def run_cli(args: list[str]) -> None:
-    build_cli(args)
 
 
 def test_configs_exist() -> None:
@@ -32,7 +27,7 @@ def test_configs_exist() -> None:
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_prints(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", "--config", str(REPO / config), "--print_config"])
+        run_cli("fit", config, "--print_config", tiny=False)
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "class_path: diffusion_pl.models." in printed and "class_path: diffusion_pl.data.ImageDataModule" in printed
@@ -40,16 +35,15 @@ def test_config_prints(config: str, capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("config", FIT_CONFIGS)
 def test_config_fast_dev_run(config: str, tmp_path: Path) -> None:
-    cli = build_cli(["fit", *tiny_args(tmp_path, "--trainer.fast_dev_run=true", "--trainer.precision=32-true",
-                                       "--trainer.devices=1", "--data.init_args.num_workers=0",
-                                       config=str(REPO / config))])
+    cli = run_cli("fit", config, "--trainer.fast_dev_run=true", "--trainer.precision=32-true", "--trainer.devices=1",
+                  "--data.init_args.num_workers=0", root=tmp_path)
     assert cli.trainer.global_step == 1
     loss = cli.trainer.callback_metrics["train/loss"]
     assert math.isfinite(float(loss)) and float(loss) > 0
 
 
 def test_data_arguments_are_linked_into_model_and_net(tmp_path: Path) -> None:
-    cli = build_cli(tiny_args(tmp_path), run=False)
+    cli = run_cli(None, DDPM_FASHION, root=tmp_path)
     assert cli.model.hparams.image_size == 8 and cli.model.hparams.channels == 1
     net = cli.model.denoiser.net
     assert net.image_size == 8 and net.in_channels == 1
@@ -59,33 +53,32 @@ def test_omegaconf_interpolation(tmp_path: Path) -> None:
     """Interpolations are resolved inside each config file when it is loaded (jsonargparse's omegaconf mode)."""
     extra = tmp_path / "extra.yaml"
     extra.write_text("data:\n  init_args:\n    batch_size: 16\n    predict_num_samples: ${data.init_args.batch_size}\n")
-    args = tiny_args(tmp_path)
-    cli = build_cli([*args[:2], "--config", str(extra), *args[2:]], run=False)
+    cli = run_cli(None, DDPM_FASHION, root=tmp_path, overlays=[extra])
     assert cli.datamodule.hparams.predict_num_samples == 16
 
 
 def test_unknown_config_key_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
-        run_cli(["fit", *tiny_args(tmp_path, "--model.init_args.net.init_args.base_chanels=8")])
+        run_cli("fit", DDPM_FASHION, "--model.init_args.net.init_args.base_chanels=8", root=tmp_path)
     assert "base_chanels" in capsys.readouterr().err
 
 
 def test_unknown_dataset_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises((SystemExit, ValueError)) as info:
-        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=imagenet", "--trainer.fast_dev_run=true")])
+        run_cli("fit", DDPM_FASHION, "--data.init_args.source=imagenet", "--trainer.fast_dev_run=true", root=tmp_path)
     message = str(info.value) + capsys.readouterr().err
     assert "imagenet" in message and "fashion_mnist" in message
 
 
 def test_missing_offline_dataset(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="data.root"):
-        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=cifar10", f"--data.init_args.root={tmp_path}",
-                                   "--data.init_args.download=false", "--trainer.fast_dev_run=true")])
+        run_cli("fit", DDPM_FASHION, "--data.init_args.source=cifar10", f"--data.init_args.root={tmp_path}",
+                "--data.init_args.download=false", "--trainer.fast_dev_run=true", root=tmp_path)
 
 
 def test_image_size_the_unet_cannot_downsample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises((SystemExit, ValueError)) as info:
-        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.image_size=9", "--trainer.fast_dev_run=true")])
+        run_cli("fit", DDPM_FASHION, "--data.init_args.image_size=9", "--trainer.fast_dev_run=true", root=tmp_path)
     message = str(info.value) + capsys.readouterr().err
     assert "image_size" in message and "channel_mult" in message
 
@@ -98,21 +91,20 @@ def test_module_entry_point_matches_console_script() -> None:
 
 def test_command_line_overrides_win_over_checkpoint_hyperparameters(tmp_path: Path) -> None:
     """`predict --ckpt_path X --model.init_args.sampler.steps=7` must sample with 7 steps, not the trained value."""
-    build_cli(["fit", *tiny_args(tmp_path / "train", "--trainer.max_steps=1", "--trainer.limit_val_batches=0")])
-    ckpt = str(next((tmp_path / "train").rglob("last.ckpt")))
-    cli = build_cli(["predict", *tiny_args(tmp_path / "predict", "--model.init_args.sampler=DDPM",
-                                           "--model.init_args.sampler.steps=7",
-                                           "--data.init_args.predict_num_samples=2"), f"--ckpt_path={ckpt}"])
+    run_cli("fit", DDPM_FASHION, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", root=tmp_path / "train")
+    cli = run_cli("predict", DDPM_FASHION, "--model.init_args.sampler=DDPM", "--model.init_args.sampler.steps=7",
+                  "--data.init_args.predict_num_samples=2", root=tmp_path / "predict",
+                  ckpt_path=last_checkpoint(tmp_path / "train"))
     assert isinstance(cli.model.sampler, DDPM) and cli.model.sampler.steps == 7
 
 
 @pytest.mark.parametrize("stage", ["train", "val", "test", "predict"])
 def test_limit_batches_one_means_one_batch(tmp_path: Path, stage: str) -> None:
     """Lightning reads the float 1.0 as 100%; the parser makes floats of `1` (the Trainer's float | int type)."""
-    cli = build_cli(tiny_args(tmp_path, f"--trainer.limit_{stage}_batches=1"), run=False)
+    cli = run_cli(None, DDPM_FASHION, f"--trainer.limit_{stage}_batches=1", root=tmp_path)
     value = getattr(cli.trainer, f"limit_{stage}_batches")
     assert value == 1 and isinstance(value, int)
-    half = build_cli(tiny_args(tmp_path, f"--trainer.limit_{stage}_batches=0.5"), run=False)
+    half = run_cli(None, DDPM_FASHION, f"--trainer.limit_{stage}_batches=0.5", root=tmp_path)
     assert getattr(half.trainer, f"limit_{stage}_batches") == 0.5
     if stage == "test":
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
@@ -122,8 +114,8 @@ def test_limit_batches_one_means_one_batch(tmp_path: Path, stage: str) -> None:
 def test_progress_bar_counts_the_runs_steps_across_epochs(tmp_path: Path) -> None:
     """The training bar's total is max_steps and it reaches it although the run spans two epochs (2 batches each):
     its remaining time is the run's."""
-    cli = build_cli(["fit", *tiny_args(tmp_path, "--trainer.max_steps=3", "--trainer.limit_train_batches=2",
-                                       "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=true")])
+    cli = run_cli("fit", DDPM_FASHION, "--trainer.max_steps=3", "--trainer.limit_train_batches=2",
+                  "--trainer.limit_val_batches=0", "--trainer.enable_progress_bar=true", root=tmp_path)
     bar = cli.trainer.progress_bar_callback
     assert isinstance(bar, RunProgressBar) and cli.trainer.current_epoch >= 1
     assert (bar.train_progress_bar.total, bar.train_progress_bar.n) == (3, 3)

@@ -62,17 +62,12 @@ def test_export_reloads_exactly_and_through_clip_load(tmp_path: Path) -> None:
 
 
 def test_clip_module_checkpoint_reloads_exactly(tmp_path: Path) -> None:
-    from helpers import tiny_args
+    from helpers import last_checkpoint, run_trainer
 
-    from diffusion_pl.cli import build_cli
-
-    cli = build_cli(tiny_args(tmp_path, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-                              "--trainer.limit_val_batches=1",
-                              config=str(Path(__file__).parent.parent / "configs" / "clip" / "fashion_mnist.yaml")),
-                    run=False)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli = run_trainer("fit", "configs/clip/fashion_mnist.yaml", "--trainer.max_epochs=1",
+                      "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1", root=tmp_path)
     assert 0.0 <= float(cli.trainer.callback_metrics["val/clip_acc"]) <= 1.0
-    reloaded = load_clip(next(tmp_path.rglob("last.ckpt")))
+    reloaded = load_clip(last_checkpoint(tmp_path))
     trained = cli.model.net
     for (name, a), b in zip(trained.state_dict().items(), reloaded.state_dict().values()):
         assert torch.equal(a, b), name
@@ -207,11 +202,6 @@ def mixture_posterior(x_t: Tensor, t: Tensor, process: DiscreteProcess) -> tuple
     outer = means[..., :, None] * means[..., None, :]
     second = (r[..., None, None] * (variances[..., None, None] * torch.eye(2) + outer)).sum(1)
     return mean, second - mean[:, :, None] * mean[:, None, :]
-
-
-@pytest.fixture(scope="module")
-def process() -> DiscreteProcess:
-    return DiscreteProcess(1000, "linear")
 
 
 def setup_guidance(process: DiscreteProcess, t_value: int) -> tuple[Tensor, Tensor, Tensor]:

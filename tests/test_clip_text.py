@@ -9,64 +9,45 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, tiny_args
+from helpers import DDPM_FASHION, REPO, last_checkpoint, predict_samples, run_cli, run_trainer
 
 from diffusion_pl.callbacks import EMA
-from diffusion_pl.cli import build_cli
 from diffusion_pl.conditioning import Text
 from diffusion_pl.core.errors import ConfigError
 from diffusion_pl.guidance import CLIP
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
 from diffusion_pl.nets import clip as clip_module
-from diffusion_pl.nets.clip import MAX_CUT_PROMPT_WARNINGS, CLIPNet, load_clip
+from diffusion_pl.nets.clip import MAX_CUT_PROMPT_WARNINGS, load_clip
 
 TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")
-DDPM = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
 PROMPTS = ["a photo of a 3", "a photo of a 7"]
 PREDICT = ["--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
            "--model.init_args.sampler.steps=4", f"--data.init_args.predict_prompts={PROMPTS}"]
+# 3 steps without the EMA (so that the checkpoint's weights have moved from their initialisation), no validation.
+FIT = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0"]
 
 
-@pytest.fixture(scope="module")
-def encoder(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(0)
-    net = CLIPNet(image_size=8, in_channels=1, embed_dim=32, vision_layers=1, context_length=8, transformer_layers=1)
-    return str(net.export(tmp_path_factory.mktemp("clip") / "tiny_clip.pt"))
-
-
-def fit(root: Path, config: str, *extra: str) -> Path:
-    cli = build_cli(tiny_args(root, "--trainer.max_steps=3", "--trainer.limit_val_batches=0", *extra, config=config),
-                    run=False)
-    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, EMA)]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return next(root.rglob("last.ckpt"))
-
-
-def predict(root: Path, config: str, ckpt: Path, *extra: str) -> dict[str, np.ndarray]:
-    build_cli(["predict", *tiny_args(root, *PREDICT, *extra, "--ckpt_path", str(ckpt), config=config)])
-    with np.load(next(root.rglob("samples.npz"))) as arrays:
-        return dict(arrays)
-
-
-def test_clip_guided_predict_writes_the_prompts(tmp_path: Path, encoder: str) -> None:
-    ckpt = fit(tmp_path / "ddpm", DDPM)
-    unguided = predict(tmp_path / "unguided", DDPM, ckpt)
+def test_clip_guided_predict_writes_the_prompts(tmp_path: Path, tiny_clip_encoder: str) -> None:
+    run_trainer("fit", DDPM_FASHION, *FIT, root=tmp_path / "ddpm", remove=(EMA,))
+    ckpt = last_checkpoint(tmp_path / "ddpm")
+    unguided = predict_samples(DDPM_FASHION, *PREDICT, root=tmp_path / "unguided", ckpt_path=ckpt)
     guidance = (f"--model.init_args.guidance=[{{class_path: diffusion_pl.guidance.CLIP, init_args: "
-                f"{{model: '{encoder}', scale: 50.0, view: x0}}}}]")
-    guided = predict(tmp_path / "guided", DDPM, ckpt, guidance)
+                f"{{model: '{tiny_clip_encoder}', scale: 50.0, view: x0}}}}]")
+    guided = predict_samples(DDPM_FASHION, *PREDICT, guidance, root=tmp_path / "guided", ckpt_path=ckpt)
     assert guided["prompts"].tolist() == PROMPTS * 2 and "prompts" not in unguided
     assert guided["samples"].shape == unguided["samples"].shape == (4, 8, 8, 1)
     assert not np.array_equal(guided["samples"], unguided["samples"])  # same seeds: the guidance moved them
 
 
 def test_text_cfg_config_trains_and_predicts_from_prompts(tmp_path: Path) -> None:
-    cli = build_cli(["fit", *tiny_args(tmp_path / "fit", "--trainer.fast_dev_run=true", config=TEXT_CFG)])
+    cli = run_cli("fit", TEXT_CFG, "--trainer.fast_dev_run=true", root=tmp_path / "fit")
     assert cli.trainer.global_step == 1 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     net = cli.model.denoiser.net
     assert net.vector_dim == 64 and net.context_dim == 64 and isinstance(cli.model.conditioner, Text)
-    ckpt = fit(tmp_path / "fit3", TEXT_CFG)
-    out = predict(tmp_path / "predict", TEXT_CFG, ckpt)
+    run_trainer("fit", TEXT_CFG, *FIT, root=tmp_path / "fit3", remove=(EMA,))
+    ckpt = last_checkpoint(tmp_path / "fit3")
+    out = predict_samples(TEXT_CFG, *PREDICT, root=tmp_path / "predict", ckpt_path=ckpt)
     assert out["prompts"].tolist() == PROMPTS * 2 and out["samples"].shape == (4, 8, 8, 1)
     model = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").eval()  # rebuilt with its Text part
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([50, 50])
@@ -75,9 +56,9 @@ def test_text_cfg_config_trains_and_predicts_from_prompts(tmp_path: Path) -> Non
     assert not torch.allclose(eps[0], eps[1])  # the prompt reaches the net
 
 
-def test_text_features_feed_vector_and_context_and_drop_to_the_empty_prompt(encoder: str) -> None:
-    text = Text(encoder, dropout=0.5)
-    clip = load_clip(encoder)
+def test_text_features_feed_vector_and_context_and_drop_to_the_empty_prompt(tiny_clip_encoder: str) -> None:
+    text = Text(tiny_clip_encoder, dropout=0.5)
+    clip = load_clip(tiny_clip_encoder)
     captions = [f"a photo of a {i}" for i in range(64)]
     cond = text({"caption": captions}, training=True, generator=torch.Generator().manual_seed(0))
     assert cond["vector"].shape == (64, 32) and cond["context"].shape == (64, 8, 64)
@@ -95,8 +76,8 @@ def test_text_features_feed_vector_and_context_and_drop_to_the_empty_prompt(enco
     assert not any(p.requires_grad for p in text.parameters())
 
 
-def test_net_without_the_text_routes_is_refused(encoder: str) -> None:
-    text = Text(encoder)
+def test_net_without_the_text_routes_is_refused(tiny_clip_encoder: str) -> None:
+    text = Text(tiny_clip_encoder)
     with pytest.raises(ValueError, match="vector_dim=32"):
         text.check_net(UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2),
                             attention_resolutions=(4,)))
@@ -105,11 +86,11 @@ def test_net_without_the_text_routes_is_refused(encoder: str) -> None:
 
 
 def test_a_prompt_longer_than_the_context_is_logged_once_with_its_token_count(
-        encoder: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        tiny_clip_encoder: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """The tiny CLIP reads 8 tokens: a 14-token prompt is cut, logged once over three "steps"; one of exactly 8 tokens
     and a short one are not; after MAX_CUT_PROMPT_WARNINGS cut prompts nothing more is logged."""
     monkeypatch.setattr(clip_module, "_cut_prompts", set())
-    clip = load_clip(encoder)
+    clip = load_clip(tiny_clip_encoder)
     long, exact = "a photo of a very very very long prompt that goes on", "a b c d e f"  # 12 + 2 and 6 + 2 tokens
     with caplog.at_level("WARNING", logger="diffusion_pl.nets.clip"), torch.no_grad():
         for _ in range(3):
@@ -123,9 +104,9 @@ def test_a_prompt_longer_than_the_context_is_logged_once_with_its_token_count(
     assert len(messages) == MAX_CUT_PROMPT_WARNINGS - 1 and "not reported" in messages[-1]
 
 
-def test_clip_guidance_refuses_an_empty_prompt(encoder: str) -> None:
+def test_clip_guidance_refuses_an_empty_prompt(tiny_clip_encoder: str) -> None:
     with pytest.raises(ConfigError, match=r"empty prompt at position\(s\) \[1\] of its prompts.*no guidance"):
-        CLIP(encoder, prompts=["a photo of a 3", ""])
-    guidance = CLIP(encoder)
+        CLIP(tiny_clip_encoder, prompts=["a photo of a 3", ""])
+    guidance = CLIP(tiny_clip_encoder)
     with pytest.raises(ConfigError, match=r"empty prompt at position\(s\) \[0, 2\] of the batch's prompts"):
         guidance.wrap(None, batch={"prompt": ["", "a photo of a 3", " \t"]}, cond={}, null={}, process=None)

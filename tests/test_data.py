@@ -9,6 +9,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from helpers import fit_bare
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -362,23 +363,15 @@ class _Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(tmp_path: Path, ckpt_path: str | None = None) -> tuple[_Recorder, ImageDataModule]:
-    dm = ImageDataModule("digits", image_size=8, batch_size=128, random_flip=True, val_fraction=0.05, seed=5)
-    model = _Recorder()
-    saving = ckpt_path is None  # the uninterrupted run saves mid-epoch checkpoints every 4 steps
-    trainer = L.Trainer(
-        max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, default_root_dir=tmp_path, enable_checkpointing=saving,
-        callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=4, save_top_k=-1)]
-        if saving else [],
-    )
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return model, dm
+def _data() -> ImageDataModule:
+    return ImageDataModule("digits", image_size=8, batch_size=128, random_flip=True, val_fraction=0.05, seed=5)
 
 
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 def test_trainer_resume_reproduces_order_and_flips(tmp_path: Path) -> None:
-    full, dm = _fit(tmp_path / "full")
+    dm = _data()
+    full = _Recorder()
+    fit_bare(full, dm, tmp_path / "full", every_n_steps=4)  # mid-epoch checkpoints every 4 steps
     per_epoch = 1425 // 128
     assert len(full.train_seen) == 2 * per_epoch
     expected_val = torch.cat([dm.val_set[i]["image"][None] for i in range(len(dm.val_set))])
@@ -386,7 +379,8 @@ def test_trainer_resume_reproduces_order_and_flips(tmp_path: Path) -> None:
 
     for step in (4, 16):  # mid-epoch 0 and mid-epoch 1
         ckpt = next((tmp_path / "full").glob(f"*step={step}.ckpt"))
-        resumed, _ = _fit(tmp_path / f"resume{step}", ckpt_path=str(ckpt))
+        data, resumed = _data(), _Recorder()
+        fit_bare(resumed, data, tmp_path / f"resume{step}", every_n_steps=4, ckpt_path=str(ckpt))
         assert resumed.train_seen == full.train_seen[step:]
 
 

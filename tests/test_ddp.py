@@ -6,11 +6,7 @@ Lightning's DDP launcher starts rank 1 by re-running the command line, so the ru
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +14,14 @@ import numpy as np
 import pytest
 import torch
 
-from ddp_probe import DDPM_FASHION, REPO, TINY_OVERRIDES, read_steps, scalar_steps_per_file, subprocess_env, \
-    write_callbacks_config
+from ddp_probe import DDPM_FASHION, TINY_OVERRIDES, read_steps, scalar_steps_per_file, write_callbacks_config
+from helpers import cli_process
 
 pytestmark = pytest.mark.slow
 
 STEPS, EVERY = 8, 4
 BATCH_PER_DEVICE = 64  # TINY_OVERRIDES
-TIMEOUT_S = 600  # a hang (a collective on one rank only) fails the test instead of blocking the suite
+TIMEOUT_S = 600  # a hang (a collective on one rank only) fails the test instead of blocking the suite (cli_process)
 DDP_ARGS = ["--trainer.strategy=ddp", "--trainer.accelerator=cpu", "--trainer.devices=2"]
 
 
@@ -41,28 +37,14 @@ class Run:
         return self.root / "lightning_logs" / "version_0"
 
 
-def run_cli(root: Path, *args: str) -> Run:
-    """Run ``python -m diffusion_pl <args>`` in its own process group; on timeout kill the group (both ranks)."""
-    command = [sys.executable, "-m", "diffusion_pl", *args]
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = process.communicate(timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        output, _ = process.communicate()
-        pytest.fail(f"`{' '.join(args[:1])}` did not finish in {TIMEOUT_S} s (DDP hang?):\n{output[-5000:]}")
-    assert process.returncode == 0, f"exit status {process.returncode}:\n{output[-5000:]}"
-    return Run(root, output)
-
-
 @pytest.fixture(scope="module")
 def fit_run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     root = tmp_path_factory.mktemp("ddp_fit")
     callbacks = write_callbacks_config(root / "callbacks.yaml", every_n_steps=EVERY)
-    return run_cli(root, "fit", "--config", DDPM_FASHION, "--config", str(callbacks),
-                   f"--trainer.default_root_dir={root}", *TINY_OVERRIDES, *DDP_ARGS, f"--trainer.max_steps={STEPS}",
-                   f"--trainer.val_check_interval={EVERY}")
+    result = cli_process("fit", "--config", DDPM_FASHION, "--config", str(callbacks),
+                         f"--trainer.default_root_dir={root}", *TINY_OVERRIDES, *DDP_ARGS, f"--trainer.max_steps={STEPS}",
+                         f"--trainer.val_check_interval={EVERY}", timeout=TIMEOUT_S)
+    return Run(root, result.stdout + result.stderr)
 
 
 def test_checkpoint_and_tensorboard_written(fit_run: Run) -> None:
@@ -128,9 +110,9 @@ def test_predict_with_two_processes_matches_one(fit_run: Run, tmp_path: Path) ->
     outputs = {}
     for name, extra in (("single", []), ("ddp", DDP_ARGS)):
         out = tmp_path / name
-        run_cli(out, *common, *extra, f"--trainer.default_root_dir={out}",
-                "--trainer.callbacks=diffusion_pl.callbacks.SampleWriter",
-                f"--trainer.callbacks.output_dir={out / 'predictions'}")
+        cli_process(*common, *extra, f"--trainer.default_root_dir={out}",
+                    "--trainer.callbacks=diffusion_pl.callbacks.SampleWriter",
+                    f"--trainer.callbacks.output_dir={out / 'predictions'}", timeout=TIMEOUT_S)
         outputs[name] = out / "predictions"
     single = np.load(outputs["single"] / "samples.npz")["samples"]
     assert single.shape[0] == num_samples

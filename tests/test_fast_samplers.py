@@ -340,13 +340,10 @@ def test_parts_build_from_specs_and_yaml() -> None:
 def test_model_samples_with_the_part_from_the_command_line(name: str, tmp_path) -> None:  # noqa: ANN001
     """``--model.init_args.sampler=DPMSolverPP --model.init_args.sampler.steps=3`` (and a grid override) on the tiny
     DDPM model: the UNet sees non-integer steps; an image depends only on its seed, not on its batch."""
-    from helpers import tiny_args
+    from helpers import DDPM_FASHION, run_cli
 
-    from diffusion_pl.cli import build_cli
-
-    cli = build_cli(tiny_args(tmp_path, f"--model.init_args.sampler={name}", "--model.init_args.sampler.steps=3",
-                              "--model.init_args.sampler.spacing=Karras", "--model.init_args.sampler.spacing.rho=5"),
-                    run=False)
+    cli = run_cli(None, DDPM_FASHION, f"--model.init_args.sampler={name}", "--model.init_args.sampler.steps=3",
+                  "--model.init_args.sampler.spacing=Karras", "--model.init_args.sampler.spacing.rho=5", root=tmp_path)
     model = cli.model.eval()
     assert type(model.sampler).__name__ == name and model.sampler.steps == 3
     assert model.sampler.spacing == Karras(rho=5.0)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import urllib.error
 from pathlib import Path
 
@@ -21,7 +18,7 @@ from torch import Tensor
 
 import diffusion_pl.callbacks.fid as fid_module
 from diffusion_pl.callbacks.fid import FID, batch_seed, rank_batches
-from diffusion_pl.cli import build_cli
+from diffusion_pl.cli import DiffusionCLI
 from diffusion_pl.data.sources import load_split
 from diffusion_pl.metrics import (
     ClassifierFeatures,
@@ -36,10 +33,9 @@ from diffusion_pl.metrics import (
     reference_statistics,
 )
 from analytic import gaussian_features
-from helpers import REPO, LossRecorder, tiny_args, tiny_cli
+from helpers import DDPM_FASHION, REPO, LossRecorder, cli_process, last_checkpoint, run_cli, run_trainer, tiny_args
 from test_classifier import train_digits_classifier
 
-DDPM_FASHION = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
 FID_OVERLAY = REPO / "overlays" / "fid_fashion_mnist.yaml"
 
 
@@ -255,19 +251,21 @@ def test_callback_logs_during_fit_and_reuses_the_cached_reference(tmp_path: Path
 
     monkeypatch.setattr(fid_module, "reference_statistics", counting)
     cache = tmp_path / "cache"
-    cli = tiny_cli(tmp_path / "val", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
-                   "--trainer.limit_val_batches=1", "--model.init_args.sampler.steps=4")
-    cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, cache))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # The FID callbacks are built after the CLI (and its seeding), as an overlay's are.
+    cli = run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                      "--trainer.limit_val_batches=1", "--model.init_args.sampler.steps=4", root=tmp_path / "val",
+                      configure=lambda cli: cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, cache)))
     assert {"val/fid", "val/kid", "val/kid_std"} <= set(cli.trainer.callback_metrics)
     assert len(computed) == 1
 
     recorder = RecordingLogger()
-    cli = tiny_cli(tmp_path / "steps", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
-                   "--model.init_args.sampler.steps=4")
-    cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, cache, every_n_steps=2))
-    cli.trainer.loggers = [*cli.trainer.loggers, recorder]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+
+    def add_fid_and_recorder(cli: DiffusionCLI) -> None:
+        cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, cache, every_n_steps=2))
+        cli.trainer.loggers = [*cli.trainer.loggers, recorder]
+
+    run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                "--model.init_args.sampler.steps=4", root=tmp_path / "steps", configure=add_fid_and_recorder)
     logged = [(step, values) for step, values in recorder.records if "val/fid" in values]
     assert [step for step, _ in logged] == [2, 4] and logged[0][1]["val/fid"] > 0
     assert len(computed) == 1, "the second run must reuse the cached reference statistics"
@@ -279,13 +277,12 @@ def test_fid_callback_leaves_the_training_run_unchanged(tmp_path: Path, digits_c
     training loss: its extractor's construction and its sampling draw nothing from the global RNG."""
     losses = []
     for with_fid in (False, True):
-        cli = tiny_cli(tmp_path / f"fid_{with_fid}", "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
-                       "--trainer.log_every_n_steps=1", "--model.init_args.sampler.steps=4")
         recorder = LossRecorder()
-        cli.trainer.callbacks.append(recorder)
-        if with_fid:
-            cli.trainer.callbacks.append(fid_callback(digits_classifier_ckpt, tmp_path / "cache", every_n_steps=2))
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        add_fid = (lambda cli: cli.trainer.callbacks.append(
+            fid_callback(digits_classifier_ckpt, tmp_path / "cache", every_n_steps=2))) if with_fid else None
+        run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=4", "--trainer.limit_val_batches=0",
+                    "--trainer.log_every_n_steps=1", "--model.init_args.sampler.steps=4",
+                    root=tmp_path / f"fid_{with_fid}", callbacks=[recorder], configure=add_fid)
         losses.append(recorder.losses)
     assert len(losses[0]) == 4 and losses[0] == losses[1]
 
@@ -343,28 +340,21 @@ def overlay_for(classifier_ckpt: Path, cache: Path, root: Path) -> Path:
     return path
 
 
-def run_test_subcommand(args: list[str]) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-m", "diffusion_pl", "test", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
-
-
 @pytest.mark.slow
 def test_test_subcommand_writes_json_and_ddp_matches_one_process(tmp_path: Path, digits_classifier_ckpt: Path) -> None:
     """``diffusion-pl test --ckpt_path``: same FID/KID with 2 gloo processes as with 1, JSON next to the checkpoint."""
     # The command line (config files and overrides), not the checkpoint's hyperparameters, sets the test sampler.
-    build_cli(["fit", *tiny_args(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                                 "--model.init_args.sampler=DDPM")])
-    ckpt = next((tmp_path / "train").rglob("last.ckpt"))
+    run_cli("fit", DDPM_FASHION, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+            "--model.init_args.sampler=DDPM", root=tmp_path / "train")
+    ckpt = last_checkpoint(tmp_path / "train")
     overlay = overlay_for(digits_classifier_ckpt, tmp_path / "cache", tmp_path)
     report = ckpt.with_suffix(".metrics.json")
     results = {}
     for name, extra in (("single", ["--trainer.devices=1"]),
                         ("ddp", ["--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu"])):
-        args = tiny_args(tmp_path / name, "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8", *extra,
-                         "--model.init_args.sampler=DDIM", "--model.init_args.sampler.steps=5", "--ckpt_path", str(ckpt))
-        run_test_subcommand([*args[:2], "--config", str(overlay), *args[2:]])
+        cli_process("test", *tiny_args(tmp_path / name, "--trainer.limit_test_batches=1", "--data.init_args.batch_size=8",
+                                       *extra, "--model.init_args.sampler=DDIM", "--model.init_args.sampler.steps=5",
+                                       "--ckpt_path", str(ckpt), overlays=[overlay]), timeout=300)
         results[name] = json.loads(report.read_text())
         report.unlink()
     single, ddp = results["single"], results["ddp"]

@@ -64,11 +64,6 @@ def component_fractions(x: Tensor) -> Tensor:
     return torch.stack([(nearest == k).float().mean() for k in range(2)])
 
 
-@pytest.fixture(scope="module")
-def process() -> DiscreteProcess:
-    return DiscreteProcess(1000, "linear")
-
-
 def test_scale_zero_is_unconditional(process: DiscreteProcess) -> None:
     gen = torch.Generator().manual_seed(0)
     x_T = process.prior_sample((N, 2), generator=gen)

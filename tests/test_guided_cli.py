@@ -9,9 +9,8 @@ import pytest
 import torch
 
 from diffusion_pl.callbacks import EMA
-from diffusion_pl.cli import build_cli
 from diffusion_pl.models.classifier import ClassifierModule
-from helpers import REPO, tiny_args
+from helpers import REPO, last_checkpoint, predict_samples, run_cli, run_trainer
 
 GUIDANCE = REPO / "configs" / "guidance"
 CFG = str(GUIDANCE / "cfg_fashion_mnist.yaml")
@@ -19,6 +18,7 @@ NOISY_CLASSIFIER = str(GUIDANCE / "classifier_fashion_mnist.yaml")
 CLASSIFIER_GUIDED = str(GUIDANCE / "classifier_guided_fashion_mnist.yaml")
 IMPROVED = str(REPO / "configs" / "ddpm" / "fashion_mnist_improved.yaml")  # the model the guided config samples
 
+# Fits run without the EMA (remove=(EMA,)), so that the checkpoint's weights have moved from their initialisation.
 FIT = ["--trainer.max_steps=20", "--trainer.limit_val_batches=0", "--model.init_args.lr_scheduler.init_args.warmup_steps=0"]
 PREDICT = ["--data.init_args.predict_num_samples=6", "--data.init_args.predict_batch_size=3",
            "--model.init_args.sampler.steps=5"]
@@ -30,55 +30,46 @@ def classifier_guidance(checkpoint: Path, scale: float = 1.0) -> list[str]:
             f"scale: {scale}}}}}]"]
 
 
-def fit(root: Path, config: str, *extra: str) -> Path:
-    """Fit ``config`` (tiny) for a few steps without its EMA (so the checkpoint's weights have moved from their
-    initialization); returns its last checkpoint."""
-    cli = build_cli(tiny_args(root, *FIT, *extra, config=config), run=False)
-    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, EMA)]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return next(root.rglob("last.ckpt"))
-
-
-def predict(root: Path, config: str, ckpt: Path, *extra: str) -> dict[str, np.ndarray]:
-    """``diffusion-pl predict`` of ``config`` from ``ckpt``; returns the arrays of the written samples.npz."""
-    build_cli(["predict", *tiny_args(root, *PREDICT, *extra, "--ckpt_path", str(ckpt), config=config)])
-    with np.load(next(root.rglob("samples.npz"))) as arrays:
-        return dict(arrays)
-
-
 @pytest.fixture(scope="module")
 def cfg_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return fit(tmp_path_factory.mktemp("cfg"), CFG)
+    root = tmp_path_factory.mktemp("cfg")
+    run_trainer("fit", CFG, *FIT, root=root, remove=(EMA,))
+    return last_checkpoint(root)
 
 
 def test_classifier_free_predict_targets_the_labels(tmp_path: Path, cfg_checkpoint: Path) -> None:
-    guided = predict(tmp_path / "w3", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[3]")
+    guided = predict_samples(CFG, *PREDICT, "--data.init_args.predict_labels=[3]", root=tmp_path / "w3",
+                             ckpt_path=cfg_checkpoint)
     assert guided["samples"].shape == (6, 8, 8, 1) and guided["labels"].tolist() == [3] * 6
-    other_label = predict(tmp_path / "w3_y5", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[5]")
-    conditional = predict(tmp_path / "w0", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[3]",
-                          "--model.init_args.guidance.scale=0.0")
+    other_label = predict_samples(CFG, *PREDICT, "--data.init_args.predict_labels=[5]", root=tmp_path / "w3_y5",
+                                  ckpt_path=cfg_checkpoint)
+    conditional = predict_samples(CFG, *PREDICT, "--data.init_args.predict_labels=[3]",
+                                  "--model.init_args.guidance.scale=0.0", root=tmp_path / "w0",
+                                  ckpt_path=cfg_checkpoint)
     # Same seeds: the label and the guidance weight are what change the images.
     assert not np.array_equal(guided["samples"], other_label["samples"])
     assert not np.array_equal(guided["samples"], conditional["samples"])
 
 
 def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> None:
-    classifier_ckpt = fit(tmp_path / "classifier", NOISY_CLASSIFIER)
+    run_trainer("fit", NOISY_CLASSIFIER, *FIT, root=tmp_path / "classifier", remove=(EMA,))
+    classifier_ckpt = last_checkpoint(tmp_path / "classifier")
     assert ClassifierModule.load_from_checkpoint(classifier_ckpt, map_location="cpu").net.time_conditional
-    diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
-    unguided = predict(tmp_path / "unguided", IMPROVED, diffusion_ckpt)
+    run_trainer("fit", IMPROVED, *FIT, root=tmp_path / "ddpm", remove=(EMA,))
+    diffusion_ckpt = last_checkpoint(tmp_path / "ddpm")
+    unguided = predict_samples(IMPROVED, *PREDICT, root=tmp_path / "unguided", ckpt_path=diffusion_ckpt)
     assert "labels" not in unguided
 
     def guided(scale: float) -> dict[str, np.ndarray]:
-        return predict(tmp_path / f"scale{scale}", CLASSIFIER_GUIDED, diffusion_ckpt,
-                       *classifier_guidance(classifier_ckpt, scale), "--data.init_args.predict_labels=[2,7]")
+        return predict_samples(CLASSIFIER_GUIDED, *PREDICT, *classifier_guidance(classifier_ckpt, scale),
+                               "--data.init_args.predict_labels=[2,7]", root=tmp_path / f"scale{scale}",
+                               ckpt_path=diffusion_ckpt)
 
     scale_zero, scale_ten = guided(0.0), guided(10.0)
     assert scale_ten["labels"].tolist() == [2, 7] * 3
     np.testing.assert_array_equal(scale_zero["samples"], unguided["samples"])
     assert not np.array_equal(scale_ten["samples"], unguided["samples"])
-    model = build_cli(tiny_args(tmp_path / "rng", *classifier_guidance(classifier_ckpt), config=CLASSIFIER_GUIDED),
-                      run=False).model
+    model = run_cli(None, CLASSIFIER_GUIDED, *classifier_guidance(classifier_ckpt), root=tmp_path / "rng").model
     state = torch.get_rng_state()
     model.example_batch(2)  # loads the guide
     assert model.guidance[0].net.time_conditional
@@ -86,17 +77,17 @@ def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> 
 
 
 def test_missing_classifier_checkpoint_says_how_to_train_it(tmp_path: Path) -> None:
-    diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
+    run_trainer("fit", IMPROVED, *FIT, root=tmp_path / "ddpm", remove=(EMA,))
     with pytest.raises(FileNotFoundError, match="classifier_fashion_mnist.yaml"):
-        predict(tmp_path / "guided", CLASSIFIER_GUIDED, diffusion_ckpt,
-                *classifier_guidance(tmp_path / "missing.ckpt"))
+        run_cli("predict", CLASSIFIER_GUIDED, *PREDICT, *classifier_guidance(tmp_path / "missing.ckpt"),
+                root=tmp_path / "guided", ckpt_path=last_checkpoint(tmp_path / "ddpm"))
 
 
 def test_classifier_of_another_process_is_refused(tmp_path: Path) -> None:
     """A noisy classifier trained on the linear schedule cannot guide the cosine-schedule model."""
-    classifier_ckpt = fit(tmp_path / "classifier", NOISY_CLASSIFIER,
-                          "--model.init_args.process.init_args.schedule=linear")
-    diffusion_ckpt = fit(tmp_path / "ddpm", IMPROVED)
+    run_trainer("fit", NOISY_CLASSIFIER, *FIT, "--model.init_args.process.init_args.schedule=linear",
+                root=tmp_path / "classifier", remove=(EMA,))
+    run_trainer("fit", IMPROVED, *FIT, root=tmp_path / "ddpm", remove=(EMA,))
     with pytest.raises(ValueError, match="another forward process.*alpha"):
-        predict(tmp_path / "guided", CLASSIFIER_GUIDED, diffusion_ckpt,
-                *classifier_guidance(classifier_ckpt))
+        run_cli("predict", CLASSIFIER_GUIDED, *PREDICT, *classifier_guidance(last_checkpoint(tmp_path / "classifier")),
+                root=tmp_path / "guided", ckpt_path=last_checkpoint(tmp_path / "ddpm"))

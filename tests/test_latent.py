@@ -5,29 +5,29 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from ddp_probe import subprocess_env, write_callbacks_config
+from ddp_probe import write_callbacks_config
 from helpers import (
     REPO,
     TINY_AUTOENCODER,
     LossRecorder,
-    set_callback,
+    cli_process,
+    last_checkpoint,
+    predict_samples,
+    run_trainer,
+    sample_grid,
     tiny_args,
-    tiny_cli,
     write_autoencoder_checkpoint,
 )
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor, nn
 
-from diffusion_pl.callbacks import EMA, SampleGrid, SampleWriter
-from diffusion_pl.cli import build_cli
+from diffusion_pl.callbacks import EMA, SampleWriter
 from diffusion_pl.conditioning import ClassContext
 from diffusion_pl.core.checkpoint_file import read_checkpoint
 from diffusion_pl.core.errors import (
@@ -226,20 +226,16 @@ def test_class_context_guidance_combines_the_token_and_the_null_token() -> None:
     torch.testing.assert_close(guided, 4.0 * conditional - 3.0 * unconditional, rtol=1e-5, atol=1e-5)
 
 
-def fit_latent(root: Path, *extra: str, config: str = LDM, ckpt_path: str | None = None) -> tuple[LossRecorder, object]:
-    """A tiny latent run of ``config``, checkpointing every step into ``root/ckpt``."""
-    cli = tiny_cli(root, "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", *extra, config=config)
-    set_callback(cli, SampleGrid, every_n_steps=2, num_samples=4)
-    recorder = LossRecorder()
-    cli.trainer.callbacks[:0] = [ModelCheckpoint(dirpath=root / "ckpt", every_n_train_steps=1, save_last=True)]
-    cli.trainer.callbacks.append(recorder)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    return recorder, cli
+# Tiny latent fits (run_trainer) validate on one batch and log every step, with sample grids every 2 steps
+# (settings=sample_grid(2)) and a checkpoint every step into ``root/ckpt`` (prepend=[ModelCheckpoint(...)]).
+LATENT_FIT = ["--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1"]
 
 
 @pytest.mark.slow
 def test_first_stage_is_frozen_shared_with_the_ema_and_outside_the_optimizer(tmp_path: Path) -> None:
-    _, cli = fit_latent(tmp_path, "--trainer.max_steps=3", "--trainer.val_check_interval=3")
+    cli = run_trainer("fit", LDM, *LATENT_FIT, "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                      root=tmp_path, settings=sample_grid(2),
+                      prepend=[ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)])
     model, trainer = cli.model, cli.trainer
     stage = model.first_stage
     before = read_checkpoint(TINY_AUTOENCODER, weights_only=True)["state_dict"]
@@ -261,44 +257,46 @@ def test_first_stage_is_frozen_shared_with_the_ema_and_outside_the_optimizer(tmp
 @pytest.mark.slow
 def test_latent_diffusion_resumes_exactly(tmp_path: Path) -> None:
     args = ("--trainer.max_steps=8", "--trainer.val_check_interval=4", "--data.init_args.random_flip=true")
-    full, _ = fit_latent(tmp_path / "full", *args)
-    fit_latent(tmp_path / "cut", "--trainer.max_steps=4", "--trainer.val_check_interval=4",
-               "--data.init_args.random_flip=true")
+    full, resumed = LossRecorder(), LossRecorder()
+    run_trainer("fit", LDM, *LATENT_FIT, *args, root=tmp_path / "full", settings=sample_grid(2), callbacks=[full],
+                prepend=[ModelCheckpoint(dirpath=tmp_path / "full" / "ckpt", every_n_train_steps=1, save_last=True)])
+    run_trainer("fit", LDM, *LATENT_FIT, "--trainer.max_steps=4", "--trainer.val_check_interval=4",
+                "--data.init_args.random_flip=true", root=tmp_path / "cut", settings=sample_grid(2),
+                prepend=[ModelCheckpoint(dirpath=tmp_path / "cut" / "ckpt", every_n_train_steps=1, save_last=True)])
     last = str(tmp_path / "cut" / "ckpt" / "last.ckpt")
-    resumed, cli = fit_latent(tmp_path / "cut", *args, ckpt_path=last)
+    run_trainer("fit", LDM, *LATENT_FIT, *args, root=tmp_path / "cut", ckpt_path=last, settings=sample_grid(2),
+                callbacks=[resumed],
+                prepend=[ModelCheckpoint(dirpath=tmp_path / "cut" / "ckpt", every_n_train_steps=1, save_last=True)])
     assert sorted(resumed.losses) == list(range(5, 9))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), f"loss differs at step {step}"
 
 
-def latent_scale_of_a_run(root: Path, *extra: str) -> float:
-    root.mkdir(parents=True)
-    callbacks = write_callbacks_config(root / "callbacks.yaml", every_n_steps=1)
-    command = [sys.executable, "-m", "diffusion_pl", "fit", *tiny_args(root, config=LDM), "--config", str(callbacks),
-               "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", *extra]
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    checkpoint = read_checkpoint(next(root.rglob("last.ckpt")), weights_only=True)
-    return checkpoint["state_dict"]["first_stage.scale"].item()
-
-
 @pytest.mark.slow
 def test_scale_of_two_gloo_processes_equals_that_of_one(tmp_path: Path) -> None:
-    one = latent_scale_of_a_run(tmp_path / "one", "--trainer.devices=1")
-    two = latent_scale_of_a_run(tmp_path / "two", "--trainer.devices=2", "--trainer.strategy=ddp")
-    assert two == pytest.approx(one, rel=1e-9)
+    scales = {}
+    for name, extra in (("one", ["--trainer.devices=1"]), ("two", ["--trainer.devices=2", "--trainer.strategy=ddp"])):
+        root = tmp_path / name
+        root.mkdir(parents=True)
+        callbacks = write_callbacks_config(root / "callbacks.yaml", every_n_steps=1)
+        cli_process("fit", *tiny_args(root, config=LDM), "--config", str(callbacks), "--trainer.max_steps=1",
+                    "--trainer.limit_val_batches=0", "--trainer.accelerator=cpu", *extra)
+        checkpoint = read_checkpoint(last_checkpoint(root), weights_only=True)
+        scales[name] = checkpoint["state_dict"]["first_stage.scale"].item()
+    assert scales["two"] == pytest.approx(scales["one"], rel=1e-9)
 
 
 @pytest.mark.slow
 def test_class_conditional_latent_model_predicts_decoded_images_with_its_stored_scale(tmp_path: Path) -> None:
-    _, trained = fit_latent(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                            config=LDM_CLASS)
+    trained = run_trainer("fit", LDM_CLASS, *LATENT_FIT, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+                          root=tmp_path / "train", settings=sample_grid(2),
+                          prepend=[ModelCheckpoint(dirpath=tmp_path / "train" / "ckpt", every_n_train_steps=1,
+                                                   save_last=True)])
     scale = trained.model.first_stage.scale.item()
-    cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=6", "--data.init_args.predict_labels=[3,5]",
-                   "--model.init_args.sampler.steps=5", config=LDM_CLASS)
-    set_callback(cli, SampleWriter, output_dir=str(tmp_path / "out"))
-    cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(tmp_path / "train" / "ckpt" / "last.ckpt"),
-                        return_predictions=False)
+    cli = run_trainer("predict", LDM_CLASS, "--data.init_args.predict_num_samples=6",
+                      "--data.init_args.predict_labels=[3,5]", "--model.init_args.sampler.steps=5",
+                      root=tmp_path / "predict", ckpt_path=tmp_path / "train" / "ckpt" / "last.ckpt",
+                      settings={SampleWriter: {"output_dir": str(tmp_path / "out")}})
     assert cli.model.first_stage.scale.item() == scale > 0  # from the checkpoint; predict estimates nothing
     written = np.load(tmp_path / "out" / "samples.npz")
     assert written["samples"].shape == (6, 8, 8, 1) and written["samples"].dtype == np.uint8  # decoded to pixels
@@ -313,20 +311,20 @@ def test_a_latent_checkpoint_predicts_on_its_own(tmp_path: Path) -> None:
     autoencoder.parent.mkdir()
     shutil.copy(TINY_AUTOENCODER, autoencoder)
     stage = f"--model.init_args.first_stage.init_args.checkpoint={autoencoder}"
-    fit_latent(tmp_path / "train", "--trainer.max_steps=1", "--trainer.limit_val_batches=0", stage)
-    ckpt = f"--ckpt_path={tmp_path / 'train' / 'ckpt' / 'last.ckpt'}"
+    run_trainer("fit", LDM, *LATENT_FIT, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", stage,
+                root=tmp_path / "train", settings=sample_grid(2),
+                prepend=[ModelCheckpoint(dirpath=tmp_path / "train" / "ckpt", every_n_train_steps=1, save_last=True)])
+    ckpt = tmp_path / "train" / "ckpt" / "last.ckpt"
+    predict = ["--data.init_args.predict_num_samples=3", "--model.init_args.sampler.steps=3"]
 
-    def predict(name: str, *extra: str) -> np.ndarray:
-        build_cli(["predict", *tiny_args(tmp_path / name, "--data.init_args.predict_num_samples=3",
-                                         "--model.init_args.sampler.steps=3", *extra, config=LDM), ckpt])
-        with np.load(next((tmp_path / name).rglob("samples.npz"))) as arrays:
-            return arrays["samples"]
-
-    reference = predict("same", stage)
+    reference = predict_samples(LDM, *predict, stage, root=tmp_path / "same", ckpt_path=ckpt)["samples"]
     respelled = f"--model.init_args.first_stage.init_args.checkpoint={tmp_path / 'ae' / '.' / 'autoencoder.ckpt'}"
-    np.testing.assert_array_equal(predict("respelled", respelled,
-                                          "--model.init_args.first_stage.init_args.calibration_images=7"), reference)
+    np.testing.assert_array_equal(
+        predict_samples(LDM, *predict, respelled, "--model.init_args.first_stage.init_args.calibration_images=7",
+                        root=tmp_path / "respelled", ckpt_path=ckpt)["samples"], reference)
     autoencoder.unlink()
-    np.testing.assert_array_equal(predict("gone", stage), reference)
+    np.testing.assert_array_equal(predict_samples(LDM, *predict, stage, root=tmp_path / "gone", ckpt_path=ckpt)["samples"],
+                                  reference)
     with pytest.raises(CheckpointMismatchError, match="scale"):
-        predict("rescaled", stage, "--model.init_args.first_stage.init_args.scale=0.5")
+        predict_samples(LDM, *predict, stage, "--model.init_args.first_stage.init_args.scale=0.5",
+                        root=tmp_path / "rescaled", ckpt_path=ckpt)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from analytic import gaussian_denoiser
+from helpers import DDPM_FASHION, last_checkpoint, predict_samples, run_cli, run_cli_processes, tiny_args
 from PIL import Image
 from torch import Tensor
 
@@ -239,42 +240,25 @@ def test_masks_that_keep_every_pixel_or_none_are_refused(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------------------------- command line
 
 
+# Tiny ``predict`` runs of the checkpoint with an overlay (overlays/inpaint.yaml, ...) after the model's config.
+PREDICT = ["--model.init_args.sampler.steps=5"]
+
+
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from helpers import tiny_args
-
-    from diffusion_pl.cli import build_cli
-
     root = tmp_path_factory.mktemp("fit")
-    build_cli(["fit", *tiny_args(root, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
-                                 "--model.init_args.sampler.steps=5")])
-    return next(root.rglob("last.ckpt"))
-
-
-def predict_overlay_args(root: Path, ckpt: Path, overlay: str, *extra: str) -> list[str]:
-    """The command line of a tiny ``predict`` of ``ckpt`` with ``overlays/<overlay>`` after the model's config."""
-    from helpers import REPO, tiny_args
-
-    args = tiny_args(root, "--model.init_args.sampler.steps=5", *extra, "--ckpt_path", str(ckpt))
-    return ["predict", *args[:2], "--config", str(REPO / "overlays" / overlay), *args[2:]]
-
-
-def predict_overlay(root: Path, ckpt: Path, overlay: str, *extra: str) -> dict[str, np.ndarray]:
-    from diffusion_pl.cli import build_cli
-
-    build_cli(predict_overlay_args(root, ckpt, overlay, *extra))
-    with np.load(next(root.rglob("samples.npz"))) as arrays:
-        assert next(root.rglob("grid.png")).stat().st_size > 0
-        return dict(arrays)
+    run_cli("fit", DDPM_FASHION, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+            "--model.init_args.sampler.steps=5", root=root)
+    return last_checkpoint(root)
 
 
 @pytest.mark.parametrize("method", ["replace", "repaint", "x0"])
 def test_predict_inpaints_test_images_and_keeps_the_known_pixels(tmp_path: Path, tiny_checkpoint: Path,
                                                                   method: str) -> None:
-    out = predict_overlay(tmp_path, tiny_checkpoint, "inpaint.yaml", "--data.init_args.predict_num_samples=4",
-                          f"--model.init_args.predict_task.method={method}",
-                          "--model.init_args.predict_task.steps=5", "--model.init_args.predict_task.resample=2",
-                          "--model.init_args.predict_task.jump_length=2")
+    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4",
+                          f"--model.init_args.predict_task.method={method}", "--model.init_args.predict_task.steps=5",
+                          "--model.init_args.predict_task.resample=2", "--model.init_args.predict_task.jump_length=2",
+                          root=tmp_path, overlays=["overlays/inpaint.yaml"], ckpt_path=tiny_checkpoint, grid=True)
     samples, inputs, masks = out["samples"], out["inputs"], out["masks"]
     assert samples.shape == inputs.shape == (4, 8, 8, 1) and masks.shape == (4, 8, 8, 1)
     known = masks.astype(bool)
@@ -286,16 +270,14 @@ def test_predict_inpaints_test_images_and_keeps_the_known_pixels(tmp_path: Path,
 def test_bad_mask_files_are_one_error_line_of_the_command_line(tmp_path: Path, tiny_checkpoint: Path) -> None:
     """A mask file that is missing, does not decode, has another size or marks nothing to fill in: exit status 2 and
     one ``error:`` line naming the file (and the size wanted), no traceback, no samples written."""
-    from helpers import run_cli_processes
-
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "big.png")
     Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "black.png")
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     cases = {"missing.png": "not found: give an image of 8x8 pixels", "garbage.png": "does not decode",
              "big.png": "is 16x16, the images are 8x8", "black.png": "keeps every pixel"}
-    commands = [predict_overlay_args(tmp_path / "runs" / name, tiny_checkpoint, "inpaint.yaml",
-                                     "--data.init_args.predict_num_samples=2",
-                                     f"--model.init_args.predict_task.mask_file={tmp_path / name}")
+    commands = [["predict", *tiny_args(tmp_path / "runs" / name, *PREDICT, "--data.init_args.predict_num_samples=2",
+                                       f"--model.init_args.predict_task.mask_file={tmp_path / name}",
+                                       "--ckpt_path", str(tiny_checkpoint), overlays=["overlays/inpaint.yaml"])]
                 for name in cases]
     for (name, phrase), result in zip(cases.items(), run_cli_processes(commands)):
         errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
@@ -305,8 +287,9 @@ def test_bad_mask_files_are_one_error_line_of_the_command_line(tmp_path: Path, t
 
 
 def test_predict_interpolates_pairs_of_test_images(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    out = predict_overlay(tmp_path, tiny_checkpoint, "interpolate.yaml", "--data.init_args.predict_num_samples=4",
-                          "--data.init_args.predict_batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]")
+    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4",
+                          "--data.init_args.predict_batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]",
+                          root=tmp_path, overlays=["overlays/interpolate.yaml"], ckpt_path=tiny_checkpoint, grid=True)
     assert out["samples"].shape == (2 * 3, 8, 8, 1) and out["lambda"].tolist() == [0, 0.5, 1] * 2
 
 
@@ -333,8 +316,9 @@ def write_pngs(folder: Path, images: np.ndarray) -> None:
 def test_predict_inpaints_images_from_a_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
     write_pngs(tmp_path / "inputs", images)
-    out = predict_overlay(tmp_path / "run", tiny_checkpoint, "inpaint.yaml",
-                          f"--data.init_args.predict_images={tmp_path / 'inputs'}")
+    out = predict_samples(DDPM_FASHION, *PREDICT, f"--data.init_args.predict_images={tmp_path / 'inputs'}",
+                          root=tmp_path / "run", overlays=["overlays/inpaint.yaml"], ckpt_path=tiny_checkpoint,
+                          grid=True)
     in_name_order = images[::-1]
     np.testing.assert_array_equal(out["inputs"], in_name_order)
     known = out["masks"].astype(bool)
@@ -373,26 +357,16 @@ def test_predict_trajectory_shows_each_seed_forming_and_leaves_the_samples_as_th
     """The Trajectory task writes each seed's states at evenly spaced steps (N x frames x H x W x C) beside samples
     identical to a plain predict of the same seeds (the observer changes nothing); the frames go from the first step's
     noisy state to the sample. (A 2-step model's x0 estimates saturate; test_fast_samplers checks x0_hat exactly.)"""
-    from diffusion_pl.cli import build_cli
-
-    out = predict_overlay(tmp_path / "trajectory", tiny_checkpoint, "trajectory.yaml",
-                          "--data.init_args.predict_num_samples=4", "--model.init_args.predict_task.frames=3",
-                          "--model.init_args.predict_task.show=x")
-    build_cli(["predict", *tiny_args_for_predict(tmp_path / "plain", tiny_checkpoint,
-                                                 "--data.init_args.predict_num_samples=4")])
-    with np.load(next((tmp_path / "plain").rglob("samples.npz"))) as plain:
-        assert np.array_equal(out["samples"], plain["samples"])
+    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4",
+                          "--model.init_args.predict_task.frames=3", "--model.init_args.predict_task.show=x",
+                          root=tmp_path / "trajectory", overlays=["overlays/trajectory.yaml"], ckpt_path=tiny_checkpoint)
+    plain = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4", root=tmp_path / "plain",
+                            ckpt_path=tiny_checkpoint)
+    assert np.array_equal(out["samples"], plain["samples"])
     trajectory = out["trajectory"]
     assert trajectory.shape == (4, 3, 8, 8, 1) and trajectory.dtype == np.uint8
     assert np.array_equal(trajectory[:, -1], out["samples"])
     assert not np.array_equal(trajectory[:, 0], trajectory[:, -1])
-
-
-def tiny_args_for_predict(root: Path, ckpt: Path, *extra: str) -> list[str]:
-    """A tiny ``predict`` of ``ckpt`` with the model's own config (no overlay)."""
-    from helpers import tiny_args
-
-    return tiny_args(root, "--model.init_args.sampler.steps=5", *extra, "--ckpt_path", str(ckpt))
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, 7, 16, 17, 100, 1000])

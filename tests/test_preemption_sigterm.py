@@ -8,18 +8,17 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import pytest
-from ddp_probe import last_step, read_steps, subprocess_env
-from helpers import REPO, tiny_args
+from ddp_probe import last_step, read_steps
+from helpers import DDPM_FASHION, run_trainer, start_cli_process, tiny_args
 
 from diffusion_pl.callbacks.preemption import TERMINATED_STATUS, resume_command
-from diffusion_pl.cli import build_cli, main
+from diffusion_pl.cli import main
 from diffusion_pl.core.checkpoint_file import read_checkpoint
 
 STEPS, SIGNAL_AFTER_STEP = 12, 2
@@ -29,12 +28,6 @@ SMALL = ["--data.init_args.batch_size=16", "--model.init_args.sampler.steps=2"]
 # Training steps of at least 0.25 s (the signal arrives mid-run), no validation.
 PACED = [*SMALL, f"--trainer.max_steps={STEPS}", "--trainer.limit_val_batches=0",
          "--trainer.callbacks+=ddp_probe.RankProbe", "--trainer.callbacks+=ddp_probe.Pace"]
-
-
-def start_fit(args: list[str]) -> subprocess.Popen:
-    """``python -m diffusion_pl`` with ``args`` in a process of its own, the test probes importable."""
-    return subprocess.Popen([sys.executable, "-m", "diffusion_pl", *args], cwd=REPO, env=subprocess_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for_step(process: subprocess.Popen, root: Path, step: int, timeout: float = 120) -> None:
@@ -51,7 +44,7 @@ def test_sigterm_saves_a_checkpoint_exits_143_and_the_logged_command_resumes(tmp
     """A real ``kill -TERM`` mid-run: the step in progress ends, its checkpoint verifies, the process exits 143
     with one line naming the resume command; that command (run as logged, through the entry point in this
     process: the imports are paid once) trains on to ``max_steps``."""
-    run = start_fit(["fit", *tiny_args(tmp_path, *PACED)])
+    run = start_cli_process("fit", *tiny_args(tmp_path, *PACED))
     wait_for_step(run, tmp_path, SIGNAL_AFTER_STEP)
     os.kill(run.pid, signal.SIGTERM)
     output = run.communicate(timeout=120)[0]
@@ -83,21 +76,15 @@ class SendSigterm(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def fit_with_sigterm(root: Path, when: str) -> SystemExit:
-    """A 2-step fit in this process with SIGTERM sent at ``when``; the SystemExit it ends with."""
-    cli = build_cli(tiny_args(root, *SMALL, "--trainer.max_steps=2", "--trainer.limit_val_batches=1"), run=False)
-    cli.trainer.callbacks.append(SendSigterm(when))
-    with pytest.raises(SystemExit) as stopped:
-        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return stopped.value
-
-
 @pytest.mark.parametrize("when", ["sanity check", "train end"])
 def test_sigterm_outside_training_steps(tmp_path: Path, when: str) -> None:
     """During the sanity check the signal is acted upon at the first step (checkpoint of step 1); after the last
     step the run just ends with 143. Either way SIGTERM's handler is the one from before ``fit`` afterwards."""
     before = signal.getsignal(signal.SIGTERM)
-    assert fit_with_sigterm(tmp_path, when).code == TERMINATED_STATUS
+    with pytest.raises(SystemExit) as stopped:  # a 2-step fit in this process with SIGTERM sent at `when`
+        run_trainer("fit", DDPM_FASHION, *SMALL, "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                    root=tmp_path, callbacks=[SendSigterm(when)])
+    assert stopped.value.code == TERMINATED_STATUS
     assert signal.getsignal(signal.SIGTERM) is before
     written = sorted(p.name for p in tmp_path.rglob("sigterm_step_*.ckpt"))
     assert written == (["sigterm_step_1.ckpt"] if when == "sanity check" else [])

@@ -27,7 +27,7 @@ import lightning
 import numpy as np
 import pytest
 import torch
-from helpers import DDPM_FASHION, REPO, run_cli_processes, tiny_args
+from helpers import DDPM_FASHION, REPO, cli_process, run_cli, run_cli_processes, start_cli_process, tiny_args
 from PIL import Image
 
 from diffusion_pl.callbacks import VerifiedCheckpointIO
@@ -37,7 +37,6 @@ from diffusion_pl.callbacks.run_directory import (
     claim_version,
     release_lock,
 )
-from diffusion_pl.cli import build_cli
 from diffusion_pl.cli.errors import message
 from diffusion_pl.core.checkpoint_file import (
     TEMP_PREFIX,
@@ -86,15 +85,12 @@ def overlay(path: Path, text: str) -> Path:
     return path
 
 
-def run_args(root: Path, *extra: str, config: str = DDPM_FASHION, steps: int = 3, trainer: str = "",
-             text: str = "") -> list[str]:
-    """Tiny-run arguments with the every-step checkpoint overlay right after the config (``trainer``: more lines of
-    its trainer section, ``text``: more sections)."""
-    args = tiny_args(root, *extra, config=config)
+def every_step(root: Path, steps: int = 3, trainer: str = "", text: str = "") -> Path:
+    """The every-step checkpoint overlay (``overlays=[...]``, right after the config) of a run under ``root``, in a
+    file of its own next to it (``trainer``: more lines of its trainer section, ``text``: more sections)."""
     handle, name = tempfile.mkstemp(suffix=".yaml", prefix=f"{root.name}_", dir=root.parent)
     os.close(handle)
-    extra_config = overlay(Path(name), EVERY_STEP.format(steps=steps, trainer=trainer) + text)
-    return [*args[:2], "--config", str(extra_config), *args[2:]]
+    return overlay(Path(name), EVERY_STEP.format(steps=steps, trainer=trainer) + text)
 
 
 def checkpoints(root: Path) -> Path:
@@ -105,14 +101,14 @@ def checkpoints(root: Path) -> Path:
 def ddpm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 3-step DDPM fit: checkpoints/epoch=0-step={1,2,3}.ckpt and last.ckpt."""
     root = tmp_path_factory.mktemp("ddpm") / "run"
-    build_cli(["fit", *run_args(root)])
+    run_cli("fit", DDPM_FASHION, root=root, overlays=[every_step(root)])
     return root
 
 
 @pytest.fixture(scope="module")
 def vp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("vp") / "run"
-    build_cli(["fit", *run_args(root, config=VP, steps=1)])
+    run_cli("fit", VP, root=root, overlays=[every_step(root, steps=1)])
     return root
 
 
@@ -267,8 +263,8 @@ def test_diverging_run_never_writes_non_finite_weights(tmp_path: Path) -> None:
                "      init_args:\n        lr: 10000.0\n")
     with pytest.raises(NonFiniteError, match="refusing to write a checkpoint with non-finite weights.*lower the "
                                              "learning rate"):
-        build_cli(["fit", *run_args(tmp_path / "run", steps=30, text=diverge,
-                                    trainer="\n  gradient_clip_val: null\n  log_every_n_steps: 25")])
+        run_cli("fit", DDPM_FASHION, root=tmp_path / "run", overlays=[every_step(
+            tmp_path / "run", steps=30, text=diverge, trainer="\n  gradient_clip_val: null\n  log_every_n_steps: 25")])
     written = sorted((tmp_path / "run").rglob("*.ckpt"))
     assert written and any(p.name == "last.ckpt" for p in written)
     for path in written:
@@ -298,10 +294,9 @@ def test_versions_are_claimed_atomically(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_two_fits_started_together_get_two_versions(tmp_path: Path) -> None:
     """Each version folder holds one run's files: its config (max_steps), its checkpoint, one event file."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     (tmp_path / "shared").mkdir()
-    runs = [subprocess.Popen([sys.executable, "-m", "diffusion_pl", "fit", *run_args(tmp_path / "shared", steps=steps)],
-                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = [start_cli_process("fit", *tiny_args(tmp_path / "shared",
+                                                overlays=[every_step(tmp_path / "shared", steps=steps)]))
             for steps in (2, 4)]
     for process in runs:
         output, _ = process.communicate(timeout=600)
@@ -356,12 +351,12 @@ def test_fit_into_a_live_runs_directory_is_refused(tmp_path: Path, monkeypatch: 
     try:
         _lock_record(version, Owner(socket.gethostname(), live.pid))
         with pytest.raises(RunDirectoryInUseError, match=f"pid {live.pid}"):
-            build_cli(["fit", *run_args(tmp_path / "run", steps=1)])
+            run_cli("fit", DDPM_FASHION, root=tmp_path / "run", overlays=[every_step(tmp_path / "run", steps=1)])
     finally:
         live.kill()
         live.wait()
     _lock_record(version, Owner("node-that-was-preempted", 99), job_id="4242")
-    build_cli(["fit", *run_args(tmp_path / "run", steps=1)])
+    run_cli("fit", DDPM_FASHION, root=tmp_path / "run", overlays=[every_step(tmp_path / "run", steps=1)])
     assert (version / "checkpoints" / "last.ckpt").is_file() and not (version / LOCK_NAME).exists()
 
 
@@ -373,8 +368,8 @@ def test_ddpm_checkpoint_under_the_sde_config_and_the_reverse(ddpm_run: Path, vp
                                             (DDPM_FASHION, vp_run, "VPSDE(", "DiscreteProcess(")):
         ckpt = checkpoints(run) / "last.ckpt"
         with pytest.raises(CheckpointMismatchError) as info:
-            build_cli(["predict", *tiny_args(tmp_path / "predict", "--data.init_args.predict_num_samples=2",
-                                             config=config), f"--ckpt_path={ckpt}"])
+            run_cli("predict", config, "--data.init_args.predict_num_samples=2", root=tmp_path / "predict",
+                    ckpt_path=ckpt)
         text = str(info.value)
         assert f"process: {stored}" in text and f"in the checkpoint, {configured}" in text and "in the config" in text
         assert "net" not in text.split("\n")[1] and len(text.splitlines()) == 3
@@ -383,14 +378,14 @@ def test_ddpm_checkpoint_under_the_sde_config_and_the_reverse(ddpm_run: Path, vp
 
 def test_width_mismatch_is_one_line_not_hundreds(ddpm_run: Path, tmp_path: Path) -> None:
     with pytest.raises(CheckpointMismatchError, match=r"net\.base_channels: 16 in the checkpoint, 32 in the config"):
-        build_cli(["fit", *tiny_args(tmp_path, "--model.init_args.net.init_args.base_channels=32",
-                                     "--trainer.max_steps=5"), f"--ckpt_path={checkpoints(ddpm_run) / 'last.ckpt'}"])
+        run_cli("fit", DDPM_FASHION, "--model.init_args.net.init_args.base_channels=32", "--trainer.max_steps=5",
+                root=tmp_path, ckpt_path=checkpoints(ddpm_run) / "last.ckpt")
 
 
 def test_sampling_options_may_differ_from_the_checkpoint(ddpm_run: Path, tmp_path: Path) -> None:
     options = ["--model.init_args.sampler=DDPM", "--model.init_args.sampler.steps=5",
                "--data.init_args.predict_num_samples=2"]
-    cli = build_cli(["predict", *tiny_args(tmp_path, *options), f"--ckpt_path={checkpoints(ddpm_run) / 'last.ckpt'}"])
+    cli = run_cli("predict", DDPM_FASHION, *options, root=tmp_path, ckpt_path=checkpoints(ddpm_run) / "last.ckpt")
     assert cli.model.sampler.steps == 5
 
 
@@ -418,7 +413,7 @@ def test_undecodable_image_is_named(tmp_path: Path) -> None:
 def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
     bad = overlay(tmp_path / "bad.yaml", "trainer:\n  max_steps: [1\n  foo: 2\n")
     with pytest.raises(ConfigError, match=f"config file {bad} is not valid YAML: .* at line 3, column 6"):
-        build_cli(["fit", "--config", DDPM_FASHION, "--config", str(bad)])
+        run_cli("fit", DDPM_FASHION, overlays=[bad], tiny=False)
 
 
 def test_missing_explicit_fashion_mnist_root_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -521,12 +516,6 @@ def test_read_only_folder_and_full_disk_are_one_message_and_leave_nothing_partia
     assert "Traceback" not in fit.stderr + predict.stderr
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "DIFFUSION_PL_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "diffusion_pl", *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
 def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str], str]]:
     """name -> (config, subcommand and arguments, a phrase of the message)."""
     folder = tmp_path / "images"
@@ -612,5 +601,5 @@ def test_messages_drop_wrappers_dumps_and_worker_tracebacks() -> None:
 
 @pytest.mark.slow
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
-    result = _cli("fit", *tiny_args(tmp_path, "--data.init_args.batch_size=0"), "--debug")
+    result = cli_process("fit", *tiny_args(tmp_path, "--data.init_args.batch_size=0"), "--debug", check=False)
     assert result.returncode == 1 and "Traceback" in result.stderr and "batch sizes must be >= 1" in result.stderr

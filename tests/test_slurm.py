@@ -28,6 +28,7 @@ import torch
 
 from ddp_probe import DDPM_FASHION, REPO, TINY_OVERRIDES, last_step, read_steps, scalar_steps_per_file, \
     subprocess_env, write_callbacks_config
+from helpers import run_trainer
 
 log = logging.getLogger(__name__)
 
@@ -216,37 +217,32 @@ class SendSignal(pl.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def fit_in_process(root: Path, steps: int, *extra_callbacks: pl.Callback, ckpt_path: str | None = None) -> None:
-    from diffusion_pl.callbacks.preemption import SlurmRequeue
-    from diffusion_pl.cli import build_cli
-
-    root.mkdir(parents=True, exist_ok=True)
-    callbacks = write_callbacks_config(root / "callbacks.yaml", every_n_steps=EVERY)
-    cli = build_cli(["--config", DDPM_FASHION, "--config", str(callbacks), f"--trainer.default_root_dir={root}",
-                     *TINY_OVERRIDES, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={EVERY}"],
-                    run=False)
-    cli.trainer.callbacks[:0] = [*extra_callbacks, SlurmRequeue(requeue=False)]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-
-
 @pytest.mark.slow
 def test_preemption_checkpoint_is_taken_at_a_step_boundary_and_resumes_exactly(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without a cluster: the signal is recorded, the checkpoint saved at the end of that step, training stops
     before the next one, and ``--ckpt_path=hpc`` continues with the uninterrupted run's losses."""
+    from diffusion_pl.callbacks.preemption import SlurmRequeue
+
     steps, signal_at = 10, 3
-    fit_in_process(tmp_path / "full", steps)
+    # Tiny fits in this process with the probe's callbacks (every EVERY steps) and SlurmRequeue, not requeueing.
+    callbacks = write_callbacks_config(tmp_path / "callbacks.yaml", every_n_steps=EVERY)
+    fit = [*TINY_OVERRIDES, f"--trainer.max_steps={steps}", f"--trainer.val_check_interval={EVERY}"]
+    run_trainer("fit", DDPM_FASHION, *fit, root=tmp_path / "full", overlays=[callbacks], tiny=False,
+                prepend=[SlurmRequeue(requeue=False)])
     previous = signal.getsignal(signal.SIGUSR1)
     try:
         with monkeypatch.context() as env:
             env.setenv("SLURM_NTASKS", "1")  # after the Trainer exists: only the callback sees a SLURM job
             env.delenv("SLURM_JOB_NAME", raising=False)
             with pytest.raises(SystemExit) as stopped:
-                fit_in_process(tmp_path / "cut", steps, SendSignal(signal_at))
+                run_trainer("fit", DDPM_FASHION, *fit, root=tmp_path / "cut", overlays=[callbacks], tiny=False,
+                            prepend=[SendSignal(signal_at), SlurmRequeue(requeue=False)])
         assert stopped.value.code == 0
         assert torch.load(tmp_path / "cut" / "hpc_ckpt_1.ckpt", weights_only=False)["global_step"] == signal_at
         assert [s for _, s, _, _ in read_steps(tmp_path / "cut", 0)] == list(range(1, signal_at + 1))
-        fit_in_process(tmp_path / "cut", steps, ckpt_path="hpc")
+        run_trainer("fit", DDPM_FASHION, *fit, root=tmp_path / "cut", overlays=[callbacks], tiny=False,
+                    ckpt_path="hpc", prepend=[SlurmRequeue(requeue=False)])
     finally:
         signal.signal(signal.SIGUSR1, previous)
     resumed = [(s, loss) for _, s, loss, _ in read_steps(tmp_path / "cut", 0)]

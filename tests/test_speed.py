@@ -9,11 +9,10 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import REPO, LossRecorder, tiny_cli
+from helpers import DDPM_FASHION, REPO, LossRecorder, run_cli, run_trainer
 from torch._dynamo.utils import counters
 
 from diffusion_pl.callbacks.speed import TrainingSpeed
-from diffusion_pl.cli import build_cli
 from diffusion_pl.core.errors import ConfigError
 
 GPU_CONFIGS = ["configs/ddpm/cifar10.yaml", "configs/ddpm/cifar10_improved.yaml", "configs/sde/subvp_cifar10.yaml",
@@ -22,31 +21,25 @@ FIT = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0", "--trainer.logg
        "--trainer.enable_checkpointing=false"]
 
 
-def _losses(root: Path, speed: TrainingSpeed | None) -> tuple[dict[int, float], torch.nn.Module]:
-    cli = tiny_cli(root, *FIT)
-    recorder = LossRecorder()
-    cli.trainer.callbacks.extend([recorder] + ([speed] if speed is not None else []))
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return recorder.losses, cli.model.denoiser.net
-
-
 def test_compile_and_channels_last_train_like_the_plain_net(tmp_path: Path) -> None:
-    plain, plain_net = _losses(tmp_path / "plain", None)
+    plain, fast = LossRecorder(), LossRecorder()
+    plain_net = run_trainer("fit", DDPM_FASHION, *FIT, root=tmp_path / "plain", callbacks=[plain]).model.denoiser.net
     counters.clear()
-    fast, net = _losses(tmp_path / "fast", TrainingSpeed(compile=True, channels_last=True, backend="eager"))
+    speed = TrainingSpeed(compile=True, channels_last=True, backend="eager")
+    net = run_trainer("fit", DDPM_FASHION, *FIT, root=tmp_path / "fast", callbacks=[fast, speed]).model.denoiser.net
     assert counters["stats"]["unique_graphs"] > 0  # the net's forward went through torch.compile
     convs = [m.weight for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in
                    (m.weight for m in plain_net.modules() if isinstance(m, torch.nn.Conv2d)))
     assert list(net.state_dict()) == list(plain_net.state_dict())  # checkpoints keep the plain names
-    assert sorted(fast) == sorted(plain) == [1, 2, 3]
-    for step in plain:
-        assert fast[step] == pytest.approx(plain[step], rel=1e-4)
+    assert sorted(fast.losses) == sorted(plain.losses) == [1, 2, 3]
+    for step in plain.losses:
+        assert fast.losses[step] == pytest.approx(plain.losses[step], rel=1e-4)
 
 
 def test_speed_overlay_is_a_real_option(tmp_path: Path) -> None:
-    cli = tiny_cli(tmp_path, "--config", str(REPO / "overlays" / "speed.yaml"))
+    cli = run_cli(None, DDPM_FASHION, "--config", str(REPO / "overlays" / "speed.yaml"), root=tmp_path)
     speed = next(c for c in cli.trainer.callbacks if isinstance(c, TrainingSpeed))
     assert speed.compile and speed.channels_last and speed.module == "denoiser.net"
     with pytest.raises(ConfigError, match="denoiser.net"):
@@ -55,7 +48,7 @@ def test_speed_overlay_is_a_real_option(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("config", GPU_CONFIGS)
 def test_gpu_configs_use_bf16_mixed_and_fused_adam(config: str, tmp_path: Path) -> None:
-    cli = build_cli(["--config", str(REPO / config), f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli = run_cli(None, config, root=tmp_path, tiny=False)
     assert cli.trainer.precision == "bf16-mixed"
     optimizer = cli.model.optimizer_factory([torch.nn.Parameter(torch.zeros(3))])
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"] is True
@@ -75,11 +68,9 @@ class GradNorms(pl.Callback):
 def test_bf16_mixed_fused_adam_trains_and_clips_on_cpu(tmp_path: Path) -> None:
     """Lightning's mixed-precision plugin refuses to clip for fused optimizers; DiffusionModule clips itself when
     there is no grad scaler (bf16), so the GPU configs keep Ho et al.'s clipping with fused Adam."""
-    cli = tiny_cli(tmp_path, *FIT, "--trainer.gradient_clip_val=0.001",
-                   config=str(REPO / "configs" / "ddpm" / "cifar10.yaml"))
     norms = GradNorms()
-    cli.trainer.callbacks.append(norms)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli = run_trainer("fit", "configs/ddpm/cifar10.yaml", *FIT, "--trainer.gradient_clip_val=0.001", root=tmp_path,
+                      callbacks=[norms])
     assert cli.trainer.global_step == 3 and cli.trainer.optimizers[0].defaults["fused"] is True
     assert str(cli.trainer.precision) == "bf16-mixed"
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))

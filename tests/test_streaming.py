@@ -24,17 +24,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from ddp_probe import (
-    DDPM_FASHION,
-    TINY_OVERRIDES,
-    read_steps,
-    subprocess_env,
-    write_callbacks_config,
-)
-from helpers import tiny_args
+from ddp_probe import DDPM_FASHION, TINY_OVERRIDES, read_steps, write_callbacks_config
+from helpers import REPO, cli_process, fit_bare, run_cli, start_cli_process
 from PIL import Image
 
-from diffusion_pl.cli import build_cli
 from diffusion_pl.core.errors import DataError, UserError
 from diffusion_pl.data import ImageDataModule, streaming
 from diffusion_pl.data.streaming import (
@@ -44,7 +37,6 @@ from diffusion_pl.data.streaming import (
     convert_source,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 PER_CLASS = 25  # 2 classes: 50 images, 2 held out for validation, 48 to train on
 FORMAT = {"image_size": 8, "channels": 3, "resize_mode": "resize"}
 
@@ -155,9 +147,9 @@ def test_an_array_source_converts_with_its_test_split(tmp_path: Path) -> None:
 
 
 def test_streaming_overlay_trains_through_the_command_line(converted: Path, tmp_path: Path) -> None:
-    cli = build_cli(["fit", *tiny_args(tmp_path, "--config", str(REPO / "overlays" / "streaming.yaml"),
-                                       f"--data.init_args.root={converted}", "--data.init_args.num_workers=0",
-                                       "--data.init_args.batch_size=4", "--trainer.fast_dev_run=true")])
+    cli = run_cli("fit", DDPM_FASHION, "--config", str(REPO / "overlays" / "streaming.yaml"),
+                  f"--data.init_args.root={converted}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
+                  "--trainer.fast_dev_run=true", root=tmp_path)
     assert cli.datamodule.hparams.source == "streaming" and cli.datamodule.class_names == ["cat", "dog"]
     assert cli.trainer.global_step == 1 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
@@ -219,43 +211,22 @@ class Recorder(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def _fit(root: Path, data: Path, workers: int, ckpt_path: str | None = None) -> Recorder:
-    dm = ImageDataModule("streaming", root=str(data), batch_size=4, num_workers=workers, **FORMAT)
-    model = Recorder()
-    saving = ckpt_path is None
-    callbacks = [L.pytorch.callbacks.ModelCheckpoint(dirpath=root, every_n_train_steps=5, save_top_k=-1)]
-    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-                        default_root_dir=root, enable_checkpointing=saving, callbacks=callbacks if saving else [])
-    trainer.fit(model, datamodule=dm, ckpt_path=ckpt_path)
-    return model
-
-
 @pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_continues_with_the_next_unseen_batch(converted: Path, tmp_path: Path, workers: int) -> None:
-    full = _fit(tmp_path / "full", converted, workers)
+    def data() -> ImageDataModule:
+        return ImageDataModule("streaming", root=str(converted), batch_size=4, num_workers=workers, **FORMAT)
+
+    dm = data()
+    full = Recorder()
+    fit_bare(full, dm, tmp_path / "full", every_n_steps=5, limit_val_batches=0)
     assert len(full.seen) == 2 * 12 and full.seen[:12] != full.seen[12:]  # two epochs, reshuffled
     for step in (5, 15):  # mid-epoch 0 and mid-epoch 1
         ckpt = next((tmp_path / "full").glob(f"*step={step}.ckpt"))
-        resumed = _fit(tmp_path / f"resume{step}", converted, workers, ckpt_path=str(ckpt))
+        dm = data()
+        resumed = Recorder()
+        fit_bare(resumed, dm, tmp_path / f"resume{step}", every_n_steps=5, ckpt_path=str(ckpt), limit_val_batches=0)
         assert resumed.seen == full.seen[step:]
-
-
-def _cli_fit(root: Path, data: Path, callbacks: Path, max_steps: int, *extra: str) -> subprocess.Popen:
-    """``python -m diffusion_pl fit`` of a tiny net on the converted data, the probe recording every step."""
-    command = [sys.executable, "-m", "diffusion_pl", "fit", "--config", DDPM_FASHION, "--config", str(callbacks),
-               f"--trainer.default_root_dir={root}", *TINY_OVERRIDES, "--data.init_args.source=streaming",
-               f"--data.init_args.root={data}", "--data.init_args.image_size=8", "--data.init_args.channels=3",
-               "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0", f"--trainer.max_steps={max_steps}",
-               *extra]
-    return subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def _finish(process: subprocess.Popen) -> None:
-    _, errors = process.communicate(timeout=300)
-    assert process.returncode == 0, errors[-3000:]
 
 
 @pytest.mark.slow
@@ -263,7 +234,12 @@ def test_killed_run_resumes_with_the_next_unseen_batch(converted: Path, tmp_path
     """A real SIGKILL mid-epoch; the run resumed from its last checkpoint streams the rest of that epoch, then the
     next epoch, in the order of two uninterrupted epochs."""
     callbacks = write_callbacks_config(tmp_path / "callbacks.yaml", every_n_steps=5)
-    killed = _cli_fit(tmp_path / "killed", converted, callbacks, 10_000)
+    # ``python -m diffusion_pl fit`` of a tiny net on the converted data, the probe recording every step.
+    fit = ["fit", "--config", DDPM_FASHION, "--config", str(callbacks), *TINY_OVERRIDES,
+           "--data.init_args.source=streaming", f"--data.init_args.root={converted}", "--data.init_args.image_size=8",
+           "--data.init_args.channels=3", "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0"]
+    killed = start_cli_process(*fit, f"--trainer.default_root_dir={tmp_path / 'killed'}", "--trainer.max_steps=10000",
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
     while not list((tmp_path / "killed").rglob("*step=5.ckpt")) and killed.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint at step 5"
@@ -271,7 +247,8 @@ def test_killed_run_resumes_with_the_next_unseen_batch(converted: Path, tmp_path
     os.killpg(killed.pid, signal.SIGKILL)
     killed.communicate()
     ckpt = next((tmp_path / "killed").rglob("*step=5.ckpt"))
-    _finish(_cli_fit(tmp_path / "resumed", converted, callbacks, 20, f"--ckpt_path={ckpt}"))
+    cli_process(*fit, f"--trainer.default_root_dir={tmp_path / 'resumed'}", "--trainer.max_steps=20",
+                f"--ckpt_path={ckpt}", timeout=300)
 
     uninterrupted = ImageDataModule("streaming", root=str(converted), batch_size=4, **FORMAT)  # seed 0, as the CLI
     uninterrupted.setup("fit")

@@ -8,47 +8,32 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, tiny_args
+from helpers import DDPM_FASHION, REPO, last_checkpoint, predict_samples, run_trainer
 
 from diffusion_pl.callbacks import EMA
-from diffusion_pl.cli import build_cli
 from diffusion_pl.core.errors import ConfigError
 from diffusion_pl.data.datamodule import PredictImageDataset
 from diffusion_pl.data.sources import ImageData
 from diffusion_pl.models import DiffusionModule
-from diffusion_pl.nets.clip import CLIPNet
 from diffusion_pl.pipelines import Inpaint
 
-DDPM = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
 TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")
 INPAINT = str(REPO / "overlays" / "inpaint.yaml")
 PROMPTS = ["a photo of a 3", "a photo of a 7"]
 REPAINT = ["method=repaint", "steps=4", "jump_length=2", "resample=2", "box=4"]
-
-
-def fit(root: Path, config: str) -> Path:
-    cli = build_cli(tiny_args(root, "--trainer.max_steps=3", "--trainer.limit_val_batches=0", config=config),
-                    run=False)
-    cli.trainer.callbacks = [c for c in cli.trainer.callbacks if not isinstance(c, EMA)]
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    return next(root.rglob("last.ckpt"))
-
-
-def predict_inpaint(root: Path, config: str, ckpt: Path, *extra: str) -> dict[str, np.ndarray]:
-    """``predict`` with the inpaint overlay on 4 test images (RePaint, a 4x4 centre box)."""
-    args = tiny_args(root, "--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
-                     *(f"--model.init_args.predict_task.{option}" for option in REPAINT), *extra,
-                     "--ckpt_path", str(ckpt), config=config)
-    build_cli(["predict", *args[:2], "--config", INPAINT, *args[2:]])
-    assert next(root.rglob("grid.png")).stat().st_size > 0
-    with np.load(next(root.rglob("samples.npz"))) as arrays:
-        return dict(arrays)
+# 3 steps without the EMA (so that the checkpoint's weights have moved from their initialisation), no validation.
+FIT = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0"]
+# ``predict`` with the inpaint overlay (overlays=[INPAINT]) on 4 test images (RePaint, a 4x4 centre box).
+PREDICT = ["--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
+           *(f"--model.init_args.predict_task.{option}" for option in REPAINT)]
 
 
 @pytest.fixture(scope="module")
 def text_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny text-conditional model (tiny CLIP text encoder, classifier-free guidance) after 3 steps."""
-    return fit(tmp_path_factory.mktemp("text_cfg"), TEXT_CFG)
+    root = tmp_path_factory.mktemp("text_cfg")
+    run_trainer("fit", TEXT_CFG, *FIT, root=root, remove=(EMA,))
+    return last_checkpoint(root)
 
 
 def test_predict_images_carry_the_prompts_cycled() -> None:
@@ -60,7 +45,8 @@ def test_predict_images_carry_the_prompts_cycled() -> None:
 
 def test_text_inpainting_through_the_cli_keeps_known_pixels_and_records_prompts(tmp_path: Path,
                                                                                  text_checkpoint: Path) -> None:
-    out = predict_inpaint(tmp_path, TEXT_CFG, text_checkpoint, f"--data.init_args.predict_prompts={PROMPTS}")
+    out = predict_samples(TEXT_CFG, *PREDICT, f"--data.init_args.predict_prompts={PROMPTS}", root=tmp_path,
+                          overlays=[INPAINT], ckpt_path=text_checkpoint, grid=True)
     samples, inputs, known = out["samples"], out["inputs"], out["masks"].astype(bool)
     assert samples.shape == inputs.shape == (4, 8, 8, 1) and known.sum() == 4 * (64 - 16)
     assert np.array_equal(samples[known], inputs[known]) and not np.array_equal(samples[~known], inputs[~known])
@@ -93,15 +79,16 @@ def test_the_prompt_reaches_the_denoiser(text_checkpoint: Path) -> None:
         task(model, batch, torch.Generator().manual_seed(0))
 
 
-def test_clip_guided_inpainting_follows_the_prompt_and_keeps_known_pixels(tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    clip = CLIPNet(image_size=8, in_channels=1, embed_dim=32, vision_layers=1, context_length=8, transformer_layers=1)
-    encoder = clip.export(tmp_path / "tiny_clip.pt")
-    ckpt = fit(tmp_path / "ddpm", DDPM)
+def test_clip_guided_inpainting_follows_the_prompt_and_keeps_known_pixels(tmp_path: Path,
+                                                                          tiny_clip_encoder: str) -> None:
+    run_trainer("fit", DDPM_FASHION, *FIT, root=tmp_path / "ddpm", remove=(EMA,))
+    ckpt = last_checkpoint(tmp_path / "ddpm")
     guidance = (f"--model.init_args.guidance=[{{class_path: diffusion_pl.guidance.CLIP, init_args: "
-                f"{{model: '{encoder}', scale: 50.0, view: x0}}}}]")
-    unguided = predict_inpaint(tmp_path / "unguided", DDPM, ckpt)
-    guided = predict_inpaint(tmp_path / "guided", DDPM, ckpt, guidance, f"--data.init_args.predict_prompts={PROMPTS}")
+                f"{{model: '{tiny_clip_encoder}', scale: 50.0, view: x0}}}}]")
+    unguided = predict_samples(DDPM_FASHION, *PREDICT, root=tmp_path / "unguided", overlays=[INPAINT], ckpt_path=ckpt,
+                               grid=True)
+    guided = predict_samples(DDPM_FASHION, *PREDICT, guidance, f"--data.init_args.predict_prompts={PROMPTS}",
+                             root=tmp_path / "guided", overlays=[INPAINT], ckpt_path=ckpt, grid=True)
     known = guided["masks"].astype(bool)
     assert np.array_equal(guided["samples"][known], guided["inputs"][known])
     assert guided["prompts"].tolist() == PROMPTS * 2 and "prompts" not in unguided

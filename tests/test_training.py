@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import Crash, LossRecorder, set_callback, tiny_cli
+from helpers import (DDPM_FASHION, REPO, Crash, LossRecorder, last_checkpoint, run_cli, run_trainer,
+                     sample_grid, set_callback)
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -17,17 +17,6 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from diffusion_pl.callbacks import EMA, SampleGrid, SampleWriter
 
 pytestmark = pytest.mark.slow
-
-
-def fit(root: Path, *extra: str, ckpt_path: str | None = None, grid: dict | None = None,
-        extra_callbacks: list[pl.Callback] = ()) -> tuple[LossRecorder, object]:
-    cli = tiny_cli(root, *extra)
-    set_callback(cli, SampleGrid, **(grid if grid is not None else {"every_n_steps": 0, "num_samples": 4}))
-    recorder = LossRecorder()
-    cli.trainer.callbacks[:0] = list(extra_callbacks)
-    cli.trainer.callbacks.append(recorder)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt_path)
-    return recorder, cli
 
 
 RESUME_ARGS = ("--trainer.val_check_interval=4", "--trainer.limit_val_batches=2", "--data.init_args.random_flip=true",
@@ -39,13 +28,17 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, interrupt_at: in
     """11 batches per epoch: step 6 is mid-epoch (after a validation at 4), step 11 an epoch boundary.
     Losses after resuming equal the uninterrupted run's: same weights, optimizer, LR, EMA, data order,
     flips, timesteps, noise and dropout masks."""
-    full, _ = fit(tmp_path / "full", "--trainer.max_steps=16", *RESUME_ARGS)
+    full, resumed = LossRecorder(), LossRecorder()
+    run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=16", *RESUME_ARGS, root=tmp_path / "full",
+                settings=sample_grid(), callbacks=[full])
     every_step = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_last=True)
     with pytest.raises(SystemExit):
-        fit(tmp_path / "cut", "--trainer.max_steps=16", *RESUME_ARGS, extra_callbacks=[every_step, Crash(interrupt_at)])
+        run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=16", *RESUME_ARGS, root=tmp_path / "cut",
+                    settings=sample_grid(), prepend=[every_step, Crash(interrupt_at)])
     last = str(tmp_path / "ckpt" / "last.ckpt")
     assert torch.load(last, weights_only=True)["global_step"] == interrupt_at
-    resumed, _ = fit(tmp_path / "cut", "--trainer.max_steps=16", *RESUME_ARGS, ckpt_path=last)
+    run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=16", *RESUME_ARGS, root=tmp_path / "cut", ckpt_path=last,
+                settings=sample_grid(), callbacks=[resumed])
     assert sorted(resumed.losses) == list(range(interrupt_at + 1, 17))
     for step, loss in resumed.losses.items():
         assert loss == pytest.approx(full.losses[step], rel=1e-6, abs=1e-7), f"loss differs at step {step}"
@@ -53,30 +46,30 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path: Path, interrupt_at: in
 
 def test_continuing_a_finished_run_starts_a_new_epoch(tmp_path: Path) -> None:
     """A checkpoint written when max_steps stopped training counts its epoch as done (Lightning's rule)."""
-    fit(tmp_path, "--trainer.max_steps=6", "--trainer.limit_val_batches=0")
-    last = str(next(tmp_path.rglob("last.ckpt")))
-    resumed, _ = fit(tmp_path, "--trainer.max_steps=9", "--trainer.limit_val_batches=0", ckpt_path=last)
+    resumed = LossRecorder()
+    run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=6", "--trainer.limit_val_batches=0", root=tmp_path,
+                settings=sample_grid())
+    last = str(last_checkpoint(tmp_path))
+    run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=9", "--trainer.limit_val_batches=0", root=tmp_path,
+                ckpt_path=last, settings=sample_grid(), callbacks=[resumed])
     assert sorted(resumed.losses) == [7, 8, 9]
 
 
 def test_ema_matches_closed_form_and_is_checkpointed(tmp_path: Path) -> None:
     """theta_ema after k updates = the recursion ema <- d ema + (1 - d) theta, seeded with the first weights."""
-    cli = tiny_cli(tmp_path, "--trainer.max_steps=5", "--trainer.limit_val_batches=0")
-    set_callback(cli, SampleGrid, every_n_steps=0, num_samples=2)
-    ema = next(c for c in cli.trainer.callbacks if isinstance(c, EMA))
-    decay = ema.decay
     snapshots: list[dict[str, torch.Tensor]] = []
 
     class Snapshot(LossRecorder):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             snapshots.append({k: v.detach().clone() for k, v in pl_module.named_parameters()})
 
-    cli.trainer.callbacks.insert(0, Snapshot())
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli = run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=5", "--trainer.limit_val_batches=0", root=tmp_path,
+                      settings=sample_grid(num_samples=2), prepend=[Snapshot()])
+    decay = next(c for c in cli.trainer.callbacks if isinstance(c, EMA)).decay
     expected = dict(snapshots[0])
     for snap in snapshots[1:]:
         expected = {k: decay * expected[k] + (1 - decay) * snap[k] for k in expected}
-    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=False)
+    ckpt = torch.load(last_checkpoint(tmp_path), weights_only=False)
     for name, value in expected.items():
         torch.testing.assert_close(ckpt["state_dict"][name], value, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ckpt["current_model_state"][name], snapshots[-1][name])
@@ -84,9 +77,10 @@ def test_ema_matches_closed_form_and_is_checkpointed(tmp_path: Path) -> None:
 
 
 def test_tensorboard_has_loss_and_sample_images(tmp_path: Path) -> None:
-    _, cli = fit(tmp_path, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1",
-                 "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-                 "--model.init_args.sampler.steps=5", grid={"every_n_steps": 2, "num_samples": 4})
+    cli = run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=4", "--trainer.log_every_n_steps=1",
+                      "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
+                      "--model.init_args.sampler.steps=5", root=tmp_path,
+                      settings=sample_grid(2))
     events = list(tmp_path.rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
     acc = EventAccumulator(str(events[0].parent), size_guidance={"images": 0, "scalars": 0})
@@ -101,16 +95,16 @@ def test_tensorboard_has_loss_and_sample_images(tmp_path: Path) -> None:
 
 
 def test_predict_writes_grid_and_npz_reproducibly(tmp_path: Path) -> None:
-    fit(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0")
-    ckpt = str(next((tmp_path / "train").rglob("last.ckpt")))
+    run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", root=tmp_path / "train",
+                settings=sample_grid())
+    ckpt = str(last_checkpoint(tmp_path / "train"))
     outputs = []
     for name, batch_size in (("a", 3), ("b", 5)):
         out = tmp_path / name
-        cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=7",
-                       f"--data.init_args.predict_batch_size={batch_size}", "--model.init_args.sampler=DDIM",
-                       "--model.init_args.sampler.steps=10", "--model.init_args.sampler.eta=0.0")
-        set_callback(cli, SampleWriter, output_dir=str(out))
-        cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, return_predictions=False)
+        run_trainer("predict", DDPM_FASHION, "--data.init_args.predict_num_samples=7",
+                    f"--data.init_args.predict_batch_size={batch_size}", "--model.init_args.sampler=DDIM",
+                    "--model.init_args.sampler.steps=10", "--model.init_args.sampler.eta=0.0",
+                    root=tmp_path / "predict", ckpt_path=ckpt, settings={SampleWriter: {"output_dir": str(out)}})
         samples = np.load(out / "samples.npz")["samples"]
         assert samples.shape == (7, 8, 8, 1) and samples.dtype == np.uint8
         assert Image.open(out / "grid.png").size == (3 * 8 + 4 * 2, 3 * 8 + 4 * 2)
@@ -118,14 +112,13 @@ def test_predict_writes_grid_and_npz_reproducibly(tmp_path: Path) -> None:
     np.testing.assert_array_equal(outputs[0], outputs[1])
 
 
-IMPROVED = str(Path(__file__).resolve().parent.parent / "configs" / "ddpm" / "fashion_mnist_improved.yaml")
+IMPROVED = str(REPO / "configs" / "ddpm" / "fashion_mnist_improved.yaml")
 
 
 def test_improved_config_logs_val_bpd_and_test_reports_full_bound(tmp_path: Path) -> None:
-    cli = tiny_cli(tmp_path, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--trainer.limit_val_batches=1",
-                   "--trainer.limit_test_batches=1", "--data.init_args.batch_size=16", config=IMPROVED)
-    set_callback(cli, SampleGrid, every_n_steps=0, num_samples=2)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli = run_trainer("fit", IMPROVED, "--trainer.max_steps=3", "--trainer.val_check_interval=3",
+                      "--trainer.limit_val_batches=1", "--trainer.limit_test_batches=1", "--data.init_args.batch_size=16",
+                      root=tmp_path, settings=sample_grid(num_samples=2))
     acc = EventAccumulator(str(next(tmp_path.rglob("events.out.tfevents.*")).parent))
     acc.Reload()
     assert "val/bpd" in acc.Tags()["scalars"]
@@ -135,15 +128,15 @@ def test_improved_config_logs_val_bpd_and_test_reports_full_bound(tmp_path: Path
     assert math.isfinite(results["test/bpd"]) and results["test/bpd"] > 0 and math.isfinite(val_bpd) and val_bpd > 0
 
 
-VP = str(Path(__file__).resolve().parent.parent / "configs" / "sde" / "vp_fashion_mnist.yaml")
+VP = str(REPO / "configs" / "sde" / "vp_fashion_mnist.yaml")
 
 
 @pytest.mark.parametrize("sampler", ["EulerMaruyama", "PredictorCorrector", "ODE"])
 def test_sde_model_samples_and_reports_ode_bpd(tmp_path: Path, sampler: str) -> None:
     own_options = [] if sampler == "ODE" else [f"--model.init_args.sampler={sampler}"]  # the config's are the ODE's
-    cli = tiny_cli(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.limit_test_batches=1",
-                   "--data.init_args.batch_size=8", *own_options, "--model.init_args.sampler.steps=4",
-                   "--model.init_args.likelihood.ode_options={method: euler, steps: 2}", config=VP)
+    cli = run_cli(None, VP, "--trainer.max_steps=2", "--trainer.limit_val_batches=0", "--trainer.limit_test_batches=1",
+                  "--data.init_args.batch_size=8", *own_options, "--model.init_args.sampler.steps=4",
+                  "--model.init_args.likelihood.ode_options={method: euler, steps: 2}", root=tmp_path)
     assert type(cli.model.sampler).__name__ == sampler and cli.model.sampler.steps == 4
     if sampler == "ODE":
         assert (cli.model.sampler.method, cli.model.sampler.spacing) == ("heun", "log_snr")
@@ -159,7 +152,7 @@ def test_sde_model_samples_and_reports_ode_bpd(tmp_path: Path, sampler: str) -> 
 
 def test_sampler_process_mismatch_is_explained(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="DDPM samples a DiscreteProcess"):
-        tiny_cli(tmp_path, "--model.init_args.sampler=DDPM", config=VP)
+        run_cli(None, VP, "--model.init_args.sampler=DDPM", root=tmp_path)
 
 
 def test_evaluation_seeds_are_distinct_for_every_rank_and_batch() -> None:

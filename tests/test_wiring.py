@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import set_callback, tiny_cli
+from helpers import DDPM_FASHION, REPO, run_cli, run_trainer, sample_grid, set_callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -24,7 +24,7 @@ from diffusion_pl.nets.first_stage import IdentityStage, SpaceToDepth
 from diffusion_pl.processes import VPSDE, DiscreteProcess
 from diffusion_pl.samplers import DDIM, ODE
 
-CFG = str(Path(__file__).resolve().parent.parent / "configs" / "guidance" / "cfg_fashion_mnist.yaml")
+CFG = str(REPO / "configs" / "guidance" / "cfg_fashion_mnist.yaml")
 
 
 def tiny_unet(**kwargs: object) -> UNet:
@@ -68,9 +68,10 @@ def test_load_from_checkpoint_rebuilds_every_part_in_plain_python(tmp_path: Path
 def test_space_to_depth_first_stage_runs_the_net_on_latents(tmp_path: Path) -> None:
     """With a first stage, the CLI links the net to the latent shape (4 x 4 x 4 for 1 x 8 x 8 digits and factor 2);
     training encodes, sampling decodes back to images."""
-    cli = tiny_cli(tmp_path, "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
-                   "--model.init_args.first_stage=diffusion_pl.nets.first_stage.SpaceToDepth",
-                   "--model.init_args.net.init_args.attention_resolutions=[2]", "--model.init_args.sampler.steps=3")
+    cli = run_cli(None, DDPM_FASHION, "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
+                  "--model.init_args.first_stage=diffusion_pl.nets.first_stage.SpaceToDepth",
+                  "--model.init_args.net.init_args.attention_resolutions=[2]", "--model.init_args.sampler.steps=3",
+                  root=tmp_path)
     net = cli.model.denoiser.net
     assert (net.in_channels, net.image_size) == (4, 4) and cli.model.latent_shape == (4, 4, 4)
     set_callback(cli, SampleGrid, every_n_steps=0, num_samples=2)
@@ -100,12 +101,11 @@ def test_warmup_schedule_is_linear_then_cosine_with_the_trainer_total() -> None:
 
 
 def test_every_module_fills_the_schedule_total_from_the_trainer(tmp_path: Path) -> None:
-    cli = tiny_cli(tmp_path, "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
-                   "--model.init_args.lr_scheduler=diffusion_pl.models.WarmupLR",
-                   "--model.init_args.lr_scheduler.init_args.decay=cosine",
-                   "--model.init_args.lr_scheduler.init_args.warmup_steps=0")
-    set_callback(cli, SampleGrid, every_n_steps=0, num_samples=1)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli = run_trainer("fit", DDPM_FASHION, "--trainer.max_steps=3", "--trainer.limit_val_batches=0",
+                      "--model.init_args.lr_scheduler=diffusion_pl.models.WarmupLR",
+                      "--model.init_args.lr_scheduler.init_args.decay=cosine",
+                      "--model.init_args.lr_scheduler.init_args.warmup_steps=0", root=tmp_path,
+                      settings=sample_grid(num_samples=1))
     (scheduler,) = cli.trainer.lr_scheduler_configs
     assert scheduler.scheduler.total_steps == 3 and cli.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0)
 
@@ -121,10 +121,9 @@ def hparams_plugin(log_dir: Path) -> tuple[plugin_data_pb2.HParamsPluginData, pl
 
 
 def test_tensorboard_hparams_show_the_run_defining_parts_and_metrics(tmp_path: Path) -> None:
-    cli = tiny_cli(tmp_path, "--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
-                   "--trainer.log_every_n_steps=1", "--model.init_args.sampler.steps=3", config=CFG)
-    set_callback(cli, SampleGrid, every_n_steps=0, num_samples=2)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli = run_trainer("fit", CFG, "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+                      "--trainer.limit_val_batches=1", "--trainer.log_every_n_steps=1", "--model.init_args.sampler.steps=3",
+                      root=tmp_path, settings=sample_grid(num_samples=2))
     experiment, session = hparams_plugin(Path(cli.trainer.log_dir))
     metrics = {info.name.tag for info in experiment.experiment.metric_infos}
     assert {"val/loss", "val/bpd", "val/fid"} <= metrics and "hp_metric" not in metrics
