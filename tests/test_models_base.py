@@ -86,3 +86,13 @@ def test_fused_optimizer_clips_under_bf16(case: str, tmp_path: Path) -> None:
     assert str(cli.trainer.precision) == "bf16-mixed"
     assert math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert norms.norms and all(norm <= 0.001 * 1.001 for norm in norms.norms), norms.norms
+
+
+def test_a_module_must_name_what_it_trains() -> None:
+    """``trained`` (the parameters counted in the HPARAMS view) is abstract: a module that does not say is refused."""
+
+    class Incomplete(PartsModule):
+        pass
+
+    with pytest.raises(TypeError, match="trained"):
+        Incomplete()

@@ -8,6 +8,7 @@ and seeded evaluation noise. The checkpoint checks come from :class:`~diffusion_
 
 from __future__ import annotations
 
+import abc
 import inspect
 import math
 from collections.abc import Mapping
@@ -46,7 +47,7 @@ def configure_optimization(module: pl.LightningModule, optimizer: OptimizerCalla
     return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
-class PartsModule(CheckpointChecks, pl.LightningModule):
+class PartsModule(CheckpointChecks, pl.LightningModule, metaclass=abc.ABCMeta):
     """Base of the framework's LightningModules: a subclass's ``__init__`` builds its parts, then calls
     :meth:`register_parts`; it names what it trains (:attr:`trained`) and its run metrics (``RUN_METRICS``)."""
 
@@ -65,9 +66,9 @@ class PartsModule(CheckpointChecks, pl.LightningModule):
         self.optimizer_factory, self.scheduler_factory = factory(optimizer), factory(lr_scheduler)
 
     @property
+    @abc.abstractmethod
     def trained(self) -> nn.Module:
         """The module whose parameters the run trains (counted in the logged hyperparameters)."""
-        raise NotImplementedError(f"{type(self).__name__} must say which module it trains (the `trained` property)")
 
     def configure_optimizers(self) -> Any:
         return configure_optimization(self, self.optimizer_factory, self.scheduler_factory)
