@@ -1,4 +1,4 @@
-"""Images that ``diffusion-pl predict`` reads from the user's files: inputs to inpaint, interpolate or super-resolve."""
+"""The user's own images as predict inputs: a folder of image files or an .npz, read at their own size."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import torch
 from PIL import Image
 
 from diffusion_pl.core.errors import UserError
-from diffusion_pl.data.sources import IMAGE_EXTENSIONS, ImageData, to_channels
+from diffusion_pl.data.format import IMAGE_EXTENSIONS, to_channels
+from diffusion_pl.data.images import ImageData
+from diffusion_pl.data.predict.base import PredictData, PredictInput
+from diffusion_pl.data.predict.split_images import PredictImageDataset
 
 #: Keys of an .npz that hold its images (uint8 N x H x W x C), in the order they are looked for.
 NPZ_IMAGE_KEYS = ("images", "samples")
@@ -17,6 +20,30 @@ NPZ_IMAGE_KEYS = ("images", "samples")
 
 class PredictInputError(UserError, ValueError):
     """The predict images are missing, unreadable or of mixed sizes; the message says which and how to fix it."""
+
+
+class ImageFiles(PredictInput):
+    """Images to inpaint, interpolate or super-resolve from the user's files, at their own size, converted to the data
+    module's channels.
+
+    Args:
+        path: A folder of image files (name order, one size) or an .npz (``images`` or ``samples``, uint8
+            N x H x W x C, optional ``labels``).
+        indices: Which images, in order (default: all).
+        seed: Seed of the first item.
+        prompts: Text prompts, cycled (text-guided inpainting).
+        batch_size: Batch size of the predict loader (default: the data module's ``batch_size``).
+    """
+
+    def __init__(self, path: str, indices: list[int] | None = None, seed: int = 0, prompts: list[str] | None = None,
+                 batch_size: int | None = None) -> None:
+        super().__init__(seed, prompts, batch_size)
+        self.path, self.indices = path, indices
+
+    def dataset(self, data: PredictData) -> PredictImageDataset:
+        images = load_predict_images(self.path, data.image_format.channels)
+        indices = self.indices or range(len(images))
+        return PredictImageDataset(images, indices, self.seed, self.prompts)
 
 
 def _stack(arrays: list[np.ndarray], where: str) -> np.ndarray:
@@ -60,7 +87,7 @@ def load_predict_images(path: str, channels: int) -> ImageData:
     optional ``labels``) at their own size, converted to ``channels``; label -1 where none is given."""
     source = Path(path).expanduser()
     if not source.exists():
-        raise PredictInputError(f"predict_images={path} does not exist: give a folder of images or an .npz")
+        raise PredictInputError(f"the predict images {path} do not exist: give a folder of images or an .npz")
     images, labels = _read_npz(source) if source.is_file() else _read_folder(source)
     tensor = to_channels(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous(), channels)
     label_tensor = (torch.from_numpy(labels.astype(np.int64)) if labels is not None
