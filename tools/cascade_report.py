@@ -36,7 +36,7 @@ from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
 from diffusion_pl.conditioning import set_sampling_level  # noqa: E402
 from diffusion_pl.core.resize import downsample, upsample  # noqa: E402
 from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
-from diffusion_pl.data.sources import load_split  # noqa: E402
+from diffusion_pl.data import FashionMNIST, ImageFormat  # noqa: E402
 from diffusion_pl.metrics import (  # noqa: E402
     ClassifierFeatures,
     consistency_error,
@@ -122,8 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     extractor = ClassifierFeatures(args.classifier)
-    test = load_split("fashion_mnist", "test", image_size=32, channels=1, resize_mode="pad")
-    train = load_split("fashion_mnist", "train", image_size=32, channels=1, resize_mode="pad")
+    test, train = (FashionMNIST().load(split, ImageFormat(32, 1, "pad")) for split in ("test", "train"))
     reference = reference_statistics(from_uint8(test.images).split(500), extractor, len(test), kid_size=len(test))
     floor = frechet_distance(extractor, reference, from_uint8(train.images[: args.num]))
     srs = {path: load(path, DDPM(steps=args.sr_steps)) for path in args.sr}

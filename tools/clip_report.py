@@ -28,7 +28,8 @@ from torch import Tensor
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid
 from diffusion_pl.core.tensors import from_uint8
-from diffusion_pl.data.sources import load_split
+from diffusion_pl.data import ImageFormat
+from diffusion_pl.data.sources import source_from_text
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet, read_clip
 from diffusion_pl.processes import DiscreteProcess
 
@@ -61,7 +62,7 @@ def zero_shot(net: CLIPNet, prompts: list[str], images: Tensor, labels: Tensor, 
 def run_zero_shot(args: argparse.Namespace) -> list[str]:
     process = DiscreteProcess(1000, "cosine")
     steps = [int(s) for s in args.steps.split(",")]
-    data = load_split(args.source, args.split, image_size=32, channels=1, resize_mode="pad")
+    data = source_from_text(args.source).load(args.split, ImageFormat(32, 1, "pad"))
     images, labels = from_uint8(data.images), data.labels
     fractions = [0.0 if s == 0 else float(process.sigma(torch.tensor([s])) ** 2) for s in steps]
     rows = ["| CLIP | " + " | ".join(f"t={s} ({f:.2f})" for s, f in zip(steps, fractions)) + " |",
@@ -83,7 +84,7 @@ def run_samples(args: argparse.Namespace) -> list[str]:
     for path in args.npz:
         with np.load(path) as arrays:
             samples = arrays["samples"]
-            # An unguided run writes no prompts: score it against the class prompts cycled, as predict_prompts were.
+            # An unguided run writes no prompts: score it against the class prompts cycled, as the predict prompts were.
             sample_prompts = (arrays["prompts"].tolist() if "prompts" in arrays
                               else [prompts[i % len(prompts)] for i in range(len(samples))])
         images = from_uint8(torch.from_numpy(samples).permute(0, 3, 1, 2))
@@ -104,7 +105,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     zs = commands.add_parser("zero-shot", help="zero-shot accuracy, clean and on x_t")
     zs.add_argument("--steps", default="0,100,300,500,700,900", help="diffusion steps t (0: clean images)")
-    zs.add_argument("--source", default="fashion_mnist")
+    zs.add_argument("--source", default="diffusion_pl.data.FashionMNIST", help="a source part (class path or spec)")
     zs.add_argument("--split", default="test", choices=("train", "test"))
     zs.add_argument("clip", nargs="+", help="CLIPModule checkpoints")
     sp = commands.add_parser("samples", help="CLIP score of prompted samples under an evaluator CLIP")

@@ -27,7 +27,7 @@ from sample_accuracy import frechet_distance  # noqa: E402
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
 from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
-from diffusion_pl.data.sources import load_split  # noqa: E402
+from diffusion_pl.data import FashionMNIST, ImageFormat  # noqa: E402
 from diffusion_pl.metrics import ClassifierFeatures, reference_statistics  # noqa: E402
 from diffusion_pl.models import DiffusionModule  # noqa: E402
 from diffusion_pl.pipelines import run_sampler, start_grid  # noqa: E402
@@ -64,8 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     model = DiffusionModule.load_from_checkpoint(args.model, map_location="cpu").eval()
     extractor = ClassifierFeatures(args.classifier)
-    test = load_split("fashion_mnist", "test", image_size=32, channels=1, resize_mode="pad")
-    train = load_split("fashion_mnist", "train", image_size=32, channels=1, resize_mode="pad")
+    test, train = (FashionMNIST().load(split, ImageFormat(32, 1, "pad")) for split in ("test", "train"))
     images = from_uint8(test.images)
     reference = reference_statistics(images.split(500), extractor, len(images), kid_size=len(images))
     first = torch.arange(0, 2 * args.pairs, 2)

@@ -32,7 +32,7 @@ from sample_accuracy import frechet_distance  # noqa: E402
 from diffusion_pl.callbacks.images import save_png, uint8_grid  # noqa: E402
 from diffusion_pl.conditioning import ClassLabel, Text  # noqa: E402
 from diffusion_pl.core.tensors import from_uint8, to_uint8  # noqa: E402
-from diffusion_pl.data.sources import load_split  # noqa: E402
+from diffusion_pl.data import FashionMNIST, ImageFormat  # noqa: E402
 from diffusion_pl.metrics import ClassifierFeatures, psnr, reference_statistics  # noqa: E402
 from diffusion_pl.models import DiffusionModule  # noqa: E402
 from diffusion_pl.nets.autoencoder import KLAutoencoder  # noqa: E402
@@ -84,8 +84,7 @@ def main() -> None:
     out = Path(args.out)
     lines = Report(out / "report.md")
     extractor = ClassifierFeatures(args.classifier)
-    test = load_split("fashion_mnist", "test", image_size=32, channels=1, resize_mode="pad")
-    train = load_split("fashion_mnist", "train", image_size=32, channels=1, resize_mode="pad")
+    test, train = (FashionMNIST().load(split, ImageFormat(32, 1, "pad")) for split in ("test", "train"))
     real = from_uint8(test.images)
     models = {name: DiffusionModule.load_from_checkpoint(path, map_location="cpu", sampler=DDIM(steps=args.steps)).eval()
               for name, path in args.model}

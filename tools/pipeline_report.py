@@ -1,6 +1,6 @@
 """Scores of inpainting and interpolation outputs of `diffusion-pl predict` (overlays/inpaint.yaml, interpolate.yaml).
 
-    python3 tools/pipeline_report.py --classifier CLEAN_CLASSIFIER.ckpt --fid-source fashion_mnist \
+    python3 tools/pipeline_report.py --classifier CLEAN_CLASSIFIER.ckpt --fid-source diffusion_pl.data.FashionMNIST \
         inpaint runs/.../predictions/samples.npz [more.npz ...]
     python3 tools/pipeline_report.py --classifier CLEAN_CLASSIFIER.ckpt interpolate runs/.../samples.npz [...]
 
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from sample_accuracy import frechet_distance, target_accuracy, to_model_range  # noqa: E402
 
-from diffusion_pl.data.sources import load_split  # noqa: E402
+from diffusion_pl.data import ImageFormat  # noqa: E402
+from diffusion_pl.data.sources import source_from_text  # noqa: E402
 from diffusion_pl.metrics import ClassifierFeatures, reference_statistics  # noqa: E402
 from diffusion_pl.metrics.inpainting import seam_energy  # noqa: E402
 
@@ -37,11 +38,11 @@ def inpaint_rows(extractor: ClassifierFeatures, paths: list[str], source: str | 
     net = extractor.net
     reference = floor = None
     if source:
-        size = {"image_size": net.image_size, "channels": net.in_channels, "resize_mode": resize_mode}
-        real = load_split(source, split, **size)
+        image_format = ImageFormat(net.image_size, net.in_channels, resize_mode)
+        real = source_from_text(source).load(split, image_format)
         reference = reference_statistics(to_model_range(real.images).split(500), extractor, len(real),
                                          kid_size=len(real))
-        other = load_split(source, "train" if split == "test" else "test", **size)
+        other = source_from_text(source).load("train" if split == "test" else "test", image_format)
     rows = ["| completions | N | accuracy (true class) | accuracy of the originals | domain FID | seam score |",
             "|---|---|---|---|---|---|"]
     for path in paths:
@@ -82,7 +83,8 @@ def interpolate_rows(extractor: ClassifierFeatures, paths: list[str]) -> list[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier", required=True, help="a ClassifierModule checkpoint (clean classifier)")
-    parser.add_argument("--fid-source", default=None, help="data source of the real images (e.g. fashion_mnist)")
+    parser.add_argument("--fid-source", default=None,
+                        help="source part of the real images (e.g. diffusion_pl.data.FashionMNIST)")
     parser.add_argument("--fid-split", choices=("train", "test"), default="test")
     parser.add_argument("--resize-mode", choices=("pad", "resize"), default="pad")
     parser.add_argument("kind", choices=("inpaint", "interpolate"))

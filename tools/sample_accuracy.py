@@ -7,12 +7,12 @@ to the real images of that class (the checks of guided sampling).
 
 Each .npz is what guided `diffusion-pl predict` writes (keys ``samples``, uint8 N x H x W x C, and ``labels``);
 for an unguided .npz give ``--labels 3`` or ``--labels 0,1,2`` (the classes the samples are scored against,
-cycled like predict_labels).
+cycled like the predict labels of ``Seeds``).
 Prints one Markdown row per file: overall accuracy and the accuracy per target class.
 
-With ``--fid-source fashion_mnist`` the rows also give the FID per target class: the samples aimed at class c
-against all real ``--fid-split`` images of class c, in the classifier's penultimate features (the domain FID of
-overlays/fid_fashion_mnist.yaml). Accurate samples with a per-class FID near the floor are on target and as
+With ``--fid-source diffusion_pl.data.FashionMNIST`` the rows also give the FID per target class: the samples aimed
+at class c against all real ``--fid-split`` images of class c, in the classifier's penultimate features (the domain
+FID of overlays/fid_fashion_mnist.yaml). Accurate samples with a per-class FID near the floor are on target and as
 varied as the class; samples collapsed onto a few prototypes get a high FID. A last row gives that floor: as many
 real images per class as the first file has, taken from the other split and scored the same way.
 """
@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.core.tensors import from_uint8
-from diffusion_pl.data.sources import ImageData, load_split
+from diffusion_pl.data import ImageData, ImageFormat
+from diffusion_pl.data.sources import source_from_text
 from diffusion_pl.metrics import (
     ClassifierFeatures,
     GenerativeMetrics,
@@ -111,7 +112,8 @@ def main() -> None:
     parser.add_argument("--labels", type=lambda text: [int(v) for v in text.split(",")], default=None,
                         help="comma-separated target classes, cycled, for files without a 'labels' array")
     parser.add_argument("--fid-source", default=None,
-                        help="data source of the real images for the per-class FID (e.g. fashion_mnist)")
+                        help="source part of the real images for the per-class FID (e.g. "
+                             "diffusion_pl.data.FashionMNIST)")
     parser.add_argument("--fid-split", choices=("train", "test"), default="test",
                         help="split of the real images the samples are compared with (the floor uses the other)")
     parser.add_argument("--resize-mode", choices=("pad", "resize"), default="pad",
@@ -122,9 +124,10 @@ def main() -> None:
     net = extractor.net
     references = other = None
     if args.fid_source:
-        size = {"image_size": net.image_size, "channels": net.in_channels, "resize_mode": args.resize_mode}
-        references = class_references(extractor, load_split(args.fid_source, args.fid_split, **size))
-        other = load_split(args.fid_source, "train" if args.fid_split == "test" else "test", **size)
+        source, image_format = source_from_text(args.fid_source), ImageFormat(net.image_size, net.in_channels,
+                                                                              args.resize_mode)
+        references = class_references(extractor, source.load(args.fid_split, image_format))
+        other = source.load("train" if args.fid_split == "test" else "test", image_format)
     header = "| samples | N | accuracy | per class |" + (" FID per class |" if references else "")
     rows = [header, "|---" * (header.count("|") - 1) + "|"]
     counts: dict[int, int] = {}
