@@ -21,7 +21,7 @@ from diffusion_pl.conditioning import (
     MissingLowResError,
 )
 from diffusion_pl.core.resize import downsample, upsample
-from diffusion_pl.data import ImageDataModule
+from diffusion_pl.data import Digits, ImageDataModule, ImageFormat
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.metrics import consistency_error, psnr, ssim
 from diffusion_pl.models import DiffusionModule
@@ -180,8 +180,8 @@ def test_sr_metrics_against_closed_forms() -> None:
 
 
 def test_downsampled_data_is_the_block_mean_of_the_full_size_data() -> None:
-    full = ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", val_fraction=0.0)
-    low = ImageDataModule(source="digits", image_size=4, downsample=2, channels=1, resize_mode="resize",
+    full = ImageDataModule(Digits(), ImageFormat(image_size=8, channels=1, resize_mode="resize"), val_fraction=0.0)
+    low = ImageDataModule(Digits(), ImageFormat(image_size=4, downsample=2, channels=1, resize_mode="resize"),
                           val_fraction=0.0)
     expected = block_mean(full.load("train").images.double(), 2).round().to(torch.uint8)
     assert torch.equal(low.load("train").images, expected)
@@ -201,8 +201,8 @@ def tiny_stage(root: Path, config: str, *extra: str) -> Path:
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("stages")
-    base = tiny_stage(root / "base", BASE, "--data.init_args.image_size=4", "--data.init_args.downsample=2",
-                      "--model.init_args.net.init_args.attention_resolutions=[]")
+    base = tiny_stage(root / "base", BASE, "--data.init_args.image_format.image_size=4",
+                      "--data.init_args.image_format.downsample=2", "--model.init_args.net.init_args.attention_resolutions=[]")
     sr = tiny_stage(root / "sr", SR)
     return base, sr
 
@@ -235,10 +235,10 @@ def test_sr_stage_logs_psnr_and_consistency(stages: tuple[Path, Path]) -> None:
 def test_cascade_predict_writes_every_stage_and_seeds_fix_the_images(stages: tuple[Path, Path],
                                                                      tmp_path: Path) -> None:
     config = cascade_config(tmp_path / "cascade.yaml", *stages)
-    one = predict_cascade(tmp_path / "a", config, "--data.init_args.predict_num_samples=4",
-                          "--data.init_args.predict_batch_size=4")
-    two = predict_cascade(tmp_path / "b", config, "--data.init_args.predict_num_samples=4",
-                          "--data.init_args.predict_batch_size=1")
+    one = predict_cascade(tmp_path / "a", config, "--data.init_args.predict.num=4",
+                          "--data.init_args.predict.batch_size=4")
+    two = predict_cascade(tmp_path / "b", config, "--data.init_args.predict.num=4",
+                          "--data.init_args.predict.batch_size=1")
     assert one["stage0"].shape == (4, 4, 4, 1) and one["samples"].shape == (4, 8, 8, 1)
     np.testing.assert_array_equal(one["samples"], one["stage1"])
     for key in ("stage0", "samples"):
@@ -246,8 +246,8 @@ def test_cascade_predict_writes_every_stage_and_seeds_fix_the_images(stages: tup
     assert {p.name for p in (tmp_path / "a" / "predictions").iterdir()} >= {
         "samples.npz", "grid.png", "grid_stage0.png", "grid_stage1.png"}
     # the base stage alone, sampled by predict from the same seeds, gives the cascade's first stage
-    build_cli(["predict", *tiny_args(tmp_path / "base", "--data.init_args.image_size=4",
-                                     "--data.init_args.downsample=2", "--data.init_args.predict_num_samples=4",
+    build_cli(["predict", *tiny_args(tmp_path / "base", "--data.init_args.image_format.image_size=4",
+                                     "--data.init_args.image_format.downsample=2", "--data.init_args.predict.num=4",
                                      "--model.init_args.net.init_args.attention_resolutions=[]",
                                      "--model.init_args.sampler.init_args.steps=4", config=BASE),
                f"--ckpt_path={stages[0]}"])
@@ -261,7 +261,8 @@ def test_super_resolve_predicts_from_an_npz_of_low_res_images(stages: tuple[Path
     root = tmp_path / "sr"
     build_cli(["predict", *tiny_args(root, "--model.init_args.sampler.init_args.steps=4",
                                      "--model.init_args.predict_task=diffusion_pl.pipelines.SuperResolve",
-                                     f"--data.init_args.predict_images={tmp_path / 'low.npz'}", config=SR),
+                                     "--data.init_args.predict=diffusion_pl.data.ImageFiles",
+                                     f"--data.init_args.predict.path={tmp_path / 'low.npz'}", config=SR),
                f"--ckpt_path={stages[1]}"])
     with np.load(next(root.rglob("samples.npz"))) as arrays:
         assert arrays["samples"].shape == (3, 8, 8, 1)
@@ -272,7 +273,7 @@ def test_super_resolve_predicts_from_an_npz_of_low_res_images(stages: tuple[Path
 def test_cascade_with_a_wrong_final_size_says_so(stages: tuple[Path, Path], tmp_path: Path) -> None:
     config = cascade_config(tmp_path / "cascade.yaml", *stages)
     with pytest.raises(ValueError, match="last cascade stage makes 1x8x8"):
-        predict_cascade(tmp_path / "c", config, "--data.init_args.image_size=16")
+        predict_cascade(tmp_path / "c", config, "--data.init_args.image_format.image_size=16")
 
 
 @pytest.mark.parametrize("order", ["base, base", "sr, sr"])

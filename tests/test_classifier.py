@@ -14,8 +14,7 @@ import pytest
 import torch
 
 from diffusion_pl.cli import build_cli
-from diffusion_pl.data import ImageDataModule
-from diffusion_pl.data.sources import ImageData, load_split
+from diffusion_pl.data import Digits, ImageData, ImageDataModule, ImageFormat
 from diffusion_pl.metrics import ClassifierFeatures
 from diffusion_pl.models import WarmupLR
 from diffusion_pl.models.classifier import ClassifierModule
@@ -25,11 +24,11 @@ from diffusion_pl.processes import DiscreteProcess
 from helpers import REPO, tiny_args
 
 CLASSIFIER_CONFIG = str(REPO / "configs" / "classifier" / "fashion_mnist.yaml")
+DIGITS_8 = ImageFormat(image_size=8, channels=1, resize_mode="resize")
 
 
 def digits_data(batch_size: int = 64) -> ImageDataModule:
-    return ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", batch_size=batch_size,
-                           val_fraction=0.1)
+    return ImageDataModule(Digits(), DIGITS_8, batch_size=batch_size, val_fraction=0.1)
 
 
 def digits_classifier(process: DiscreteProcess | None = None, time_conditional: bool = False) -> ClassifierModule:
@@ -118,7 +117,7 @@ def test_short_training_on_digits_reaches_high_accuracy(tmp_path: Path) -> None:
 
 def check_sample_accuracy_tool(classifier: Path, root: Path) -> None:
     """tools/sample_accuracy.py scores real test digits: high against their labels, low against shifted ones."""
-    test = load_split("digits", "test", image_size=8, channels=1, resize_mode="resize")
+    test = Digits().load("test", DIGITS_8)
     samples = test.images.permute(0, 2, 3, 1).numpy()
     np.savez(root / "true.npz", samples=samples, labels=test.labels.numpy())
     np.savez(root / "shifted.npz", samples=samples, labels=(test.labels.numpy() + 1) % 10)

@@ -11,7 +11,7 @@ import pytest
 
 from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli import build_cli
-from diffusion_pl.data.sources import DatasetNotFoundError
+from diffusion_pl.data import DatasetNotFoundError
 from diffusion_pl.samplers import DDPM
 from helpers import REPO, tiny_args
 
@@ -58,10 +58,11 @@ def test_data_arguments_are_linked_into_model_and_net(tmp_path: Path) -> None:
 def test_omegaconf_interpolation(tmp_path: Path) -> None:
     """Interpolations are resolved inside each config file when it is loaded (jsonargparse's omegaconf mode)."""
     extra = tmp_path / "extra.yaml"
-    extra.write_text("data:\n  init_args:\n    batch_size: 16\n    predict_num_samples: ${data.init_args.batch_size}\n")
+    extra.write_text("data:\n  init_args:\n    batch_size: 16\n    predict:\n      init_args:\n"
+                     "        num: ${data.init_args.batch_size}\n")
     args = tiny_args(tmp_path)
     cli = build_cli([*args[:2], "--config", str(extra), *args[2:]], run=False)
-    assert cli.datamodule.hparams.predict_num_samples == 16
+    assert cli.datamodule.predict.num == 16
 
 
 def test_unknown_config_key_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -72,20 +73,23 @@ def test_unknown_config_key_is_reported(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_unknown_dataset_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises((SystemExit, ValueError)) as info:
-        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=imagenet", "--trainer.fast_dev_run=true")])
+        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=diffusion_pl.data.ImageNet",
+                                   "--trainer.fast_dev_run=true")])
     message = str(info.value) + capsys.readouterr().err
-    assert "imagenet" in message and "fashion_mnist" in message
+    assert "diffusion_pl.data.ImageNet" in message
 
 
 def test_missing_offline_dataset(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFoundError, match="data.root"):
-        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=cifar10", f"--data.init_args.root={tmp_path}",
-                                   "--data.init_args.download=false", "--trainer.fast_dev_run=true")])
+    with pytest.raises(DatasetNotFoundError, match="data.init_args.source.root"):
+        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.source=diffusion_pl.data.Torchvision",
+                                   "--data.init_args.source.name=CIFAR10", f"--data.init_args.source.root={tmp_path}",
+                                   "--data.init_args.source.download=false", "--trainer.fast_dev_run=true")])
 
 
 def test_image_size_the_unet_cannot_downsample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises((SystemExit, ValueError)) as info:
-        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.image_size=9", "--trainer.fast_dev_run=true")])
+        run_cli(["fit", *tiny_args(tmp_path, "--data.init_args.image_format.image_size=9",
+                                   "--trainer.fast_dev_run=true")])
     message = str(info.value) + capsys.readouterr().err
     assert "image_size" in message and "channel_mult" in message
 
@@ -102,7 +106,7 @@ def test_command_line_overrides_win_over_checkpoint_hyperparameters(tmp_path: Pa
     ckpt = str(next((tmp_path / "train").rglob("last.ckpt")))
     cli = build_cli(["predict", *tiny_args(tmp_path / "predict", "--model.init_args.sampler=DDPM",
                                            "--model.init_args.sampler.steps=7",
-                                           "--data.init_args.predict_num_samples=2"), f"--ckpt_path={ckpt}"])
+                                           "--data.init_args.predict.num=2"), f"--ckpt_path={ckpt}"])
     assert isinstance(cli.model.sampler, DDPM) and cli.model.sampler.steps == 7
 
 

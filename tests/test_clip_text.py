@@ -24,8 +24,8 @@ from diffusion_pl.nets.clip import MAX_CUT_PROMPT_WARNINGS, CLIPNet, load_clip
 TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")
 DDPM = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
 PROMPTS = ["a photo of a 3", "a photo of a 7"]
-PREDICT = ["--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
-           "--model.init_args.sampler.steps=4", f"--data.init_args.predict_prompts={PROMPTS}"]
+PREDICT = ["--data.init_args.predict.num=4", "--data.init_args.predict.batch_size=2",
+           "--model.init_args.sampler.steps=4", f"--data.init_args.predict.prompts={PROMPTS}"]
 
 
 @pytest.fixture(scope="module")

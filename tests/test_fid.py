@@ -22,7 +22,7 @@ from torch import Tensor
 import diffusion_pl.callbacks.fid as fid_module
 from diffusion_pl.callbacks.fid import FID, batch_seed, rank_batches
 from diffusion_pl.cli import build_cli
-from diffusion_pl.data.sources import load_split
+from diffusion_pl.data import Digits, ImageFormat
 from diffusion_pl.metrics import (
     ClassifierFeatures,
     FeatureExtractor,
@@ -166,7 +166,7 @@ def digits_classifier_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def digits(split: str) -> Tensor:
-    data = load_split("digits", split, image_size=8, channels=1, resize_mode="resize")
+    data = Digits().load(split, ImageFormat(image_size=8, channels=1, resize_mode="resize"))
     return data.images.float() / 127.5 - 1.0
 
 

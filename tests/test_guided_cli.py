@@ -20,7 +20,7 @@ CLASSIFIER_GUIDED = str(GUIDANCE / "classifier_guided_fashion_mnist.yaml")
 IMPROVED = str(REPO / "configs" / "ddpm" / "fashion_mnist_improved.yaml")  # the model the guided config samples
 
 FIT = ["--trainer.max_steps=20", "--trainer.limit_val_batches=0", "--model.init_args.lr_scheduler.init_args.warmup_steps=0"]
-PREDICT = ["--data.init_args.predict_num_samples=6", "--data.init_args.predict_batch_size=3",
+PREDICT = ["--data.init_args.predict.num=6", "--data.init_args.predict.batch_size=3",
            "--model.init_args.sampler.steps=5"]
 
 
@@ -52,10 +52,10 @@ def cfg_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_classifier_free_predict_targets_the_labels(tmp_path: Path, cfg_checkpoint: Path) -> None:
-    guided = predict(tmp_path / "w3", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[3]")
+    guided = predict(tmp_path / "w3", CFG, cfg_checkpoint, "--data.init_args.predict.labels=[3]")
     assert guided["samples"].shape == (6, 8, 8, 1) and guided["labels"].tolist() == [3] * 6
-    other_label = predict(tmp_path / "w3_y5", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[5]")
-    conditional = predict(tmp_path / "w0", CFG, cfg_checkpoint, "--data.init_args.predict_labels=[3]",
+    other_label = predict(tmp_path / "w3_y5", CFG, cfg_checkpoint, "--data.init_args.predict.labels=[5]")
+    conditional = predict(tmp_path / "w0", CFG, cfg_checkpoint, "--data.init_args.predict.labels=[3]",
                           "--model.init_args.guidance.scale=0.0")
     # Same seeds: the label and the guidance weight are what change the images.
     assert not np.array_equal(guided["samples"], other_label["samples"])
@@ -71,7 +71,7 @@ def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> 
 
     def guided(scale: float) -> dict[str, np.ndarray]:
         return predict(tmp_path / f"scale{scale}", CLASSIFIER_GUIDED, diffusion_ckpt,
-                       *classifier_guidance(classifier_ckpt, scale), "--data.init_args.predict_labels=[2,7]")
+                       *classifier_guidance(classifier_ckpt, scale), "--data.init_args.predict.labels=[2,7]")
 
     scale_zero, scale_ten = guided(0.0), guided(10.0)
     assert scale_ten["labels"].tolist() == [2, 7] * 3

@@ -7,6 +7,7 @@ import math
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +37,7 @@ from diffusion_pl.core.errors import (
     ConfigError,
 )
 from diffusion_pl.core.spec import Configurable
-from diffusion_pl.data import ImageDataModule, calibration_batches
+from diffusion_pl.data import Digits, ImageDataModule, ImageFormat, calibration_batches
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
@@ -156,18 +157,18 @@ def test_scale_errors(linear_checkpoint: str, tmp_path: Path) -> None:
         Autoencoder(linear_checkpoint, scale=-1.0)
     with pytest.raises(CheckpointNotFoundError, match="autoencoder_fashion_mnist.yaml"):
         Autoencoder(str(tmp_path / "missing.ckpt"))
-    with pytest.raises(ConfigError, match="ImageDataModule"):
+    with pytest.raises(ConfigError, match="training_image_batches"):
         calibration_batches(object(), 10)
 
 
 def test_calibration_images_are_split_over_ranks_and_cover_the_first_n() -> None:
     """Every process takes every world-size-th image: the ranks' shares together are the first N images once."""
-    data = ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", batch_size=16)
+    data = ImageDataModule(Digits(), ImageFormat(image_size=8, channels=1, resize_mode="resize"), batch_size=16)
     data.setup("fit")
     single = torch.cat(list(data.training_image_batches(100)))
     shares = []
     for rank in range(3):
-        data._world = lambda rank=rank: (3, rank)  # what a trainer with 3 processes reports
+        data.trainer = SimpleNamespace(world_size=3, global_rank=rank)  # a trainer with 3 processes
         shares.append(torch.cat(list(data.training_image_batches(100))))
     assert single.shape[0] == 100 and sum(s.shape[0] for s in shares) == 100
     merged = torch.empty_like(single)
@@ -294,7 +295,7 @@ def test_class_conditional_latent_model_predicts_decoded_images_with_its_stored_
     _, trained = fit_latent(tmp_path / "train", "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
                             config=LDM_CLASS)
     scale = trained.model.first_stage.scale.item()
-    cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=6", "--data.init_args.predict_labels=[3,5]",
+    cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict.num=6", "--data.init_args.predict.labels=[3,5]",
                    "--model.init_args.sampler.steps=5", config=LDM_CLASS)
     set_callback(cli, SampleWriter, output_dir=str(tmp_path / "out"))
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=str(tmp_path / "train" / "ckpt" / "last.ckpt"),
@@ -317,7 +318,7 @@ def test_a_latent_checkpoint_predicts_on_its_own(tmp_path: Path) -> None:
     ckpt = f"--ckpt_path={tmp_path / 'train' / 'ckpt' / 'last.ckpt'}"
 
     def predict(name: str, *extra: str) -> np.ndarray:
-        build_cli(["predict", *tiny_args(tmp_path / name, "--data.init_args.predict_num_samples=3",
+        build_cli(["predict", *tiny_args(tmp_path / name, "--data.init_args.predict.num=3",
                                          "--model.init_args.sampler.steps=3", *extra, config=LDM), ckpt])
         with np.load(next((tmp_path / name).rglob("samples.npz"))) as arrays:
             return arrays["samples"]

@@ -271,7 +271,7 @@ def predict_overlay(root: Path, ckpt: Path, overlay: str, *extra: str) -> dict[s
 @pytest.mark.parametrize("method", ["replace", "repaint", "x0"])
 def test_predict_inpaints_test_images_and_keeps_the_known_pixels(tmp_path: Path, tiny_checkpoint: Path,
                                                                   method: str) -> None:
-    out = predict_overlay(tmp_path, tiny_checkpoint, "inpaint.yaml", "--data.init_args.predict_num_samples=4",
+    out = predict_overlay(tmp_path, tiny_checkpoint, "inpaint.yaml", "--data.init_args.predict.num=4",
                           f"--model.init_args.predict_task.method={method}",
                           "--model.init_args.predict_task.steps=5", "--model.init_args.predict_task.resample=2",
                           "--model.init_args.predict_task.jump_length=2")
@@ -294,7 +294,7 @@ def test_bad_mask_files_are_one_error_line_of_the_command_line(tmp_path: Path, t
     cases = {"missing.png": "not found: give an image of 8x8 pixels", "garbage.png": "does not decode",
              "big.png": "is 16x16, the images are 8x8", "black.png": "keeps every pixel"}
     commands = [predict_overlay_args(tmp_path / "runs" / name, tiny_checkpoint, "inpaint.yaml",
-                                     "--data.init_args.predict_num_samples=2",
+                                     "--data.init_args.predict.num=2",
                                      f"--model.init_args.predict_task.mask_file={tmp_path / name}")
                 for name in cases]
     for (name, phrase), result in zip(cases.items(), run_cli_processes(commands)):
@@ -305,8 +305,8 @@ def test_bad_mask_files_are_one_error_line_of_the_command_line(tmp_path: Path, t
 
 
 def test_predict_interpolates_pairs_of_test_images(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    out = predict_overlay(tmp_path, tiny_checkpoint, "interpolate.yaml", "--data.init_args.predict_num_samples=4",
-                          "--data.init_args.predict_batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]")
+    out = predict_overlay(tmp_path, tiny_checkpoint, "interpolate.yaml", "--data.init_args.predict.num=4",
+                          "--data.init_args.predict.batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]")
     assert out["samples"].shape == (2 * 3, 8, 8, 1) and out["lambda"].tolist() == [0, 0.5, 1] * 2
 
 
@@ -334,7 +334,8 @@ def test_predict_inpaints_images_from_a_folder(tmp_path: Path, tiny_checkpoint: 
     images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
     write_pngs(tmp_path / "inputs", images)
     out = predict_overlay(tmp_path / "run", tiny_checkpoint, "inpaint.yaml",
-                          f"--data.init_args.predict_images={tmp_path / 'inputs'}")
+                          "--data.init_args.predict=diffusion_pl.data.ImageFiles",
+                          f"--data.init_args.predict.path={tmp_path / 'inputs'}")
     in_name_order = images[::-1]
     np.testing.assert_array_equal(out["inputs"], in_name_order)
     known = out["masks"].astype(bool)
@@ -343,7 +344,7 @@ def test_predict_inpaints_images_from_a_folder(tmp_path: Path, tiny_checkpoint: 
 
 
 def test_predict_images_errors_say_what_is_wrong(tmp_path: Path) -> None:
-    from diffusion_pl.data.predict_inputs import PredictInputError, load_predict_images
+    from diffusion_pl.data.predict import PredictInputError, load_predict_images
 
     with pytest.raises(PredictInputError, match="does not exist"):
         load_predict_images(str(tmp_path / "missing"), 1)

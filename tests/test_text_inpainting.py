@@ -13,8 +13,8 @@ from helpers import REPO, tiny_args
 from diffusion_pl.callbacks import EMA
 from diffusion_pl.cli import build_cli
 from diffusion_pl.core.errors import ConfigError
-from diffusion_pl.data.datamodule import PredictImageDataset
-from diffusion_pl.data.sources import ImageData
+from diffusion_pl.data import ImageData
+from diffusion_pl.data.predict import PredictImageDataset
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets.clip import CLIPNet
 from diffusion_pl.pipelines import Inpaint
@@ -36,7 +36,7 @@ def fit(root: Path, config: str) -> Path:
 
 def predict_inpaint(root: Path, config: str, ckpt: Path, *extra: str) -> dict[str, np.ndarray]:
     """``predict`` with the inpaint overlay on 4 test images (RePaint, a 4x4 centre box)."""
-    args = tiny_args(root, "--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
+    args = tiny_args(root, "--data.init_args.predict.num=4", "--data.init_args.predict.batch_size=2",
                      *(f"--model.init_args.predict_task.{option}" for option in REPAINT), *extra,
                      "--ckpt_path", str(ckpt), config=config)
     build_cli(["predict", *args[:2], "--config", INPAINT, *args[2:]])
@@ -60,7 +60,7 @@ def test_predict_images_carry_the_prompts_cycled() -> None:
 
 def test_text_inpainting_through_the_cli_keeps_known_pixels_and_records_prompts(tmp_path: Path,
                                                                                  text_checkpoint: Path) -> None:
-    out = predict_inpaint(tmp_path, TEXT_CFG, text_checkpoint, f"--data.init_args.predict_prompts={PROMPTS}")
+    out = predict_inpaint(tmp_path, TEXT_CFG, text_checkpoint, f"--data.init_args.predict.prompts={PROMPTS}")
     samples, inputs, known = out["samples"], out["inputs"], out["masks"].astype(bool)
     assert samples.shape == inputs.shape == (4, 8, 8, 1) and known.sum() == 4 * (64 - 16)
     assert np.array_equal(samples[known], inputs[known]) and not np.array_equal(samples[~known], inputs[~known])
@@ -89,7 +89,7 @@ def test_the_prompt_reaches_the_denoiser(text_checkpoint: Path) -> None:
     assert torch.equal(first["samples"][known], other["samples"][known])
     assert not torch.equal(first["samples"][~known], other["samples"][~known])  # another prompt, another fill
     assert first["prompt"] == [PROMPTS[0]] * 2
-    with pytest.raises(ConfigError, match="predict_prompts"):  # a text model without a prompt says how to give one
+    with pytest.raises(ConfigError, match="predict.prompts"):  # a text model without a prompt says how to give one
         task(model, batch, torch.Generator().manual_seed(0))
 
 
@@ -101,7 +101,7 @@ def test_clip_guided_inpainting_follows_the_prompt_and_keeps_known_pixels(tmp_pa
     guidance = (f"--model.init_args.guidance=[{{class_path: diffusion_pl.guidance.CLIP, init_args: "
                 f"{{model: '{encoder}', scale: 50.0, view: x0}}}}]")
     unguided = predict_inpaint(tmp_path / "unguided", DDPM, ckpt)
-    guided = predict_inpaint(tmp_path / "guided", DDPM, ckpt, guidance, f"--data.init_args.predict_prompts={PROMPTS}")
+    guided = predict_inpaint(tmp_path / "guided", DDPM, ckpt, guidance, f"--data.init_args.predict.prompts={PROMPTS}")
     known = guided["masks"].astype(bool)
     assert np.array_equal(guided["samples"][known], guided["inputs"][known])
     assert guided["prompts"].tolist() == PROMPTS * 2 and "prompts" not in unguided

@@ -117,8 +117,8 @@ def test_predict_writes_grid_and_npz_reproducibly(tmp_path: Path) -> None:
     outputs = []
     for name, batch_size in (("a", 3), ("b", 5)):
         out = tmp_path / name
-        cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=7",
-                       f"--data.init_args.predict_batch_size={batch_size}", "--model.init_args.sampler=DDIM",
+        cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict.num=7",
+                       f"--data.init_args.predict.batch_size={batch_size}", "--model.init_args.sampler=DDIM",
                        "--model.init_args.sampler.steps=10", "--model.init_args.sampler.eta=0.0")
         set_callback(cli, SampleWriter, output_dir=str(out))
         cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=ckpt, return_predictions=False)
