@@ -97,6 +97,10 @@ class ImageDataModule(L.LightningDataModule):
         """(channels, image_size, image_size) of every image."""
         return self.image_format.shape
 
+    def _source_name(self) -> str:
+        """The source as logs name it, e.g. ``ImageFolder(root='photos/')``."""
+        return describe(self.hparams.source)
+
     def _batching(self) -> Batching:
         """How this process batches: the world size and rank of the attached trainer ((1, 0) without one)."""
         world_size, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
@@ -128,17 +132,17 @@ class ImageDataModule(L.LightningDataModule):
         hp = self.hparams
         self.train_set, self.val_set = self.source.fit_datasets(self.image_format, hp.val_fraction, hp.seed,
                                                                 hp.caption_template)
-        log.info("%s: %d train / %d val images of shape %s", describe(spec_of(self.source)), len(self.train_set),
+        log.info("%s: %d train / %d val images of shape %s", self._source_name(), len(self.train_set),
                  len(self.val_set), self.image_shape)
 
     def _setup_test(self) -> None:
         self.test_set = self.source.test_dataset(self.image_format, self.hparams.caption_template)
         if self.test_set is not None and len(self.test_set):
-            log.info("%s: %d test images", describe(spec_of(self.source)), len(self.test_set))
+            log.info("%s: %d test images", self._source_name(), len(self.test_set))
             return
         if self.val_set is None:
             self._setup_train_val()
-        log.warning("%s has no test split; testing on the validation split", describe(spec_of(self.source)))
+        log.warning("%s has no test split; testing on the validation split", self._source_name())
         self.test_set = self.val_set
 
     def example_images(self, num_images: int) -> Tensor | None:
