@@ -202,7 +202,8 @@ def tiny_stage(root: Path, config: str, *extra: str) -> Path:
 def stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("stages")
     base = tiny_stage(root / "base", BASE, "--data.init_args.image_format.image_size=4",
-                      "--data.init_args.image_format.downsample=2", "--model.init_args.net.init_args.attention_resolutions=[]")
+                      "--data.init_args.image_format.downsample=2",
+                      "--model.init_args.net.init_args.attention_resolutions=[]")
     sr = tiny_stage(root / "sr", SR)
     return base, sr
 
