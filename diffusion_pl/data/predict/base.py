@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from diffusion_pl.core.spec import Configurable
 from diffusion_pl.data.format import ImageFormat
 from diffusion_pl.data.images import Images
+from diffusion_pl.data.sources.base import Split
 
 
 class PredictData(Protocol):
@@ -21,7 +22,7 @@ class PredictData(Protocol):
     @property
     def class_names(self) -> list[str]: ...
 
-    def load(self, split: str) -> Images | None: ...
+    def load(self, split: Split) -> Images | None: ...
 
 
 class PredictInput(Configurable, abc.ABC):

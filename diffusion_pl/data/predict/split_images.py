@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 from diffusion_pl.core.tensors import from_uint8
 from diffusion_pl.data.images import Images
 from diffusion_pl.data.predict.base import PredictData, PredictInput
+from diffusion_pl.data.sources.base import Split
 
 
 class PredictImageDataset(Dataset):
@@ -51,7 +52,7 @@ class SplitImages(PredictInput):
         batch_size: Batch size of the predict loader (default: the data module's ``batch_size``).
     """
 
-    def __init__(self, split: str = "test", num: int = 64, indices: list[int] | None = None, seed: int = 0,
+    def __init__(self, split: Split = "test", num: int = 64, indices: list[int] | None = None, seed: int = 0,
                  prompts: list[str] | None = None, batch_size: int | None = None) -> None:
         if num < 1:
             raise ValueError(f"SplitImages num must be >= 1, got {num}: set --data.init_args.predict.num=N")
