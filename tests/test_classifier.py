@@ -144,8 +144,8 @@ def check_per_class_fid(tool: list[str], classifier: Path, root: Path, test: Ima
     first_of_class = {int(c): int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)}
     collapsed = test.images[[first_of_class[int(c)] for c in labels]].permute(0, 2, 3, 1).numpy()
     np.savez(root / "collapsed.npz", samples=collapsed, labels=labels)
-    result = subprocess.run([*tool, "--fid-source", "digits", "--fid-split", "test", "--resize-mode", "resize",
-                             str(root / "true.npz"), str(root / "collapsed.npz")],
+    result = subprocess.run([*tool, "--fid-source", "diffusion_pl.data.Digits", "--fid-split", "test",
+                             "--resize-mode", "resize", str(root / "true.npz"), str(root / "collapsed.npz")],
                             capture_output=True, text=True, check=True)
     rows = [line.split("|") for line in result.stdout.splitlines()[2:]]
     true_fid, collapsed_fid, floor = (np.array([float(v.split(":")[1]) for v in row[5].split()]) for row in rows)

@@ -560,7 +560,7 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
                                "--data.init_args.predict.split=test --data.init_args.predict.num=2"),
         "image_size 33": (DDPM_FASHION, [*fit, "--data.init_args.image_format.image_size=33"],
                           "image_size=33 is not divisible"),
-        "batch size 0": (DDPM_FASHION, [*fit, "--data.init_args.batch_size=0"], "batch_size must be >= 1"),
+        "batch size 0": (DDPM_FASHION, [*fit, "--data.init_args.batch_size=0"], "batch sizes must be >= 1"),
         "sampler not fitting the process": (VP, [*fit, "--model.init_args.sampler=DDPM"],
                                             "DDPM samples a DiscreteProcess, got VPSDE"),
         "truncated PNG": (DDPM_FASHION,

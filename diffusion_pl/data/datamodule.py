@@ -66,7 +66,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"val_fraction must be in [0, 1) (the fraction of the train split held out), got {val_fraction}"
             )
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}")
         self.source, self.image_format = source, image_format
         self.predict = predict if predict is not None else Seeds()
         self.save_hyperparameters(ignore=["source", "image_format", "predict"], logger=False)

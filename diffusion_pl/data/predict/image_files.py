@@ -87,7 +87,7 @@ def load_predict_images(path: str, channels: int) -> ImageData:
     optional ``labels``) at their own size, converted to ``channels``; label -1 where none is given."""
     source = Path(path).expanduser()
     if not source.exists():
-        raise PredictInputError(f"the predict images {path} do not exist: give a folder of images or an .npz")
+        raise PredictInputError(f"ImageFiles path={path} does not exist: give a folder of images or an .npz")
     images, labels = _read_npz(source) if source.is_file() else _read_folder(source)
     tensor = to_channels(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous(), channels)
     label_tensor = (torch.from_numpy(labels.astype(np.int64)) if labels is not None
