@@ -58,10 +58,10 @@ TINY_AE_DISCRIMINATOR = [
     "--model.init_args.discriminator.init_args.in_channels=1",
 ]
 TINY_DATA = [
-    "--data.init_args.source=digits",
-    "--data.init_args.image_size=8",
-    "--data.init_args.channels=1",
-    "--data.init_args.resize_mode=resize",
+    "--data.init_args.source=diffusion_pl.data.Digits",
+    "--data.init_args.image_format.image_size=8",
+    "--data.init_args.image_format.channels=1",
+    "--data.init_args.image_format.resize_mode=resize",
     "--data.init_args.batch_size=128",
 ]
 # Discrete (DDPM) configs also get T = 100, so that full chains and full bounds stay cheap (and at most 100 sampling

@@ -11,18 +11,18 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import REPO, run_cli
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.distributions import Normal, kl_divergence
 
 from diffusion_pl.callbacks import EMA, ReconstructionGrid, ResumeRNGState
-from diffusion_pl.data import ImageDataModule
+from diffusion_pl.data import Digits, ImageDataModule, ImageFormat
 from diffusion_pl.metrics.super_resolution import psnr
 from diffusion_pl.models import AutoencoderModule, WarmupLR
 from diffusion_pl.models.autoencoder import autoencoder_steps
 from diffusion_pl.nets import DiagonalGaussian, KLAutoencoder, PatchDiscriminator
 from diffusion_pl.nets.autoencoder import adaptive_weight, discriminator_loss
 from diffusion_pl.nets.loading import load_checkpoint, rebuild
-from helpers import REPO, run_cli
 
 AE_CONFIG = str(REPO / "configs" / "ldm" / "autoencoder_fashion_mnist.yaml")
 
@@ -38,7 +38,7 @@ def tiny_module(discriminator: bool = False, **kwargs: Any) -> AutoencoderModule
 
 
 def digits_data() -> ImageDataModule:
-    return ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", batch_size=32,
+    return ImageDataModule(Digits(), ImageFormat(image_size=8, channels=1, resize_mode="resize"), batch_size=32,
                            val_fraction=0.1)
 
 
@@ -91,7 +91,7 @@ def test_shapes_factor_and_latent_shape_errors() -> None:
     assert net.decode(net.encode(x).mode()).shape == x.shape
     with pytest.raises(ValueError, match="divisible by 8.*image_size"):
         net.latent_shape((3, 36, 32))
-    with pytest.raises(ValueError, match="3-channel.*data.init_args.channels"):
+    with pytest.raises(ValueError, match="3-channel.*data.init_args.image_format.channels"):
         net.latent_shape((1, 32, 32))
     logits = PatchDiscriminator(in_channels=3, base_channels=8, num_layers=3)(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 1, 2, 2)

@@ -12,8 +12,9 @@ import pytest
 from helpers import DDPM_FASHION, REPO, TINY_DISCRETE, TINY_NET
 
 TOOL = REPO / "tools" / "benchmark_training.py"
-TINY = [*TINY_NET, *TINY_DISCRETE, "--data.init_args.source=digits", "--data.init_args.image_size=8",
-        "--data.init_args.channels=1", "--data.init_args.resize_mode=resize", "--data.init_args.batch_size=32"]
+TINY = [*TINY_NET, *TINY_DISCRETE, "--data.init_args.source=diffusion_pl.data.Digits",
+        "--data.init_args.image_format.image_size=8", "--data.init_args.image_format.channels=1",
+        "--data.init_args.image_format.resize_mode=resize", "--data.init_args.batch_size=32"]
 
 
 def test_benchmark_runs_on_a_tiny_config_and_prints_its_json(tmp_path: Path) -> None:

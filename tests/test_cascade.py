@@ -20,7 +20,7 @@ from diffusion_pl.conditioning import (
     MissingLowResError,
 )
 from diffusion_pl.core.resize import downsample, upsample
-from diffusion_pl.data import ImageDataModule
+from diffusion_pl.data import Digits, ImageDataModule, ImageFormat
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.metrics import consistency_error, psnr, ssim
 from diffusion_pl.models import DiffusionModule
@@ -179,8 +179,8 @@ def test_sr_metrics_against_closed_forms() -> None:
 
 
 def test_downsampled_data_is_the_block_mean_of_the_full_size_data() -> None:
-    full = ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", val_fraction=0.0)
-    low = ImageDataModule(source="digits", image_size=4, downsample=2, channels=1, resize_mode="resize",
+    full = ImageDataModule(Digits(), ImageFormat(image_size=8, channels=1, resize_mode="resize"), val_fraction=0.0)
+    low = ImageDataModule(Digits(), ImageFormat(image_size=4, downsample=2, channels=1, resize_mode="resize"),
                           val_fraction=0.0)
     expected = block_mean(full.load("train").images.double(), 2).round().to(torch.uint8)
     assert torch.equal(low.load("train").images, expected)
@@ -192,7 +192,7 @@ def test_downsampled_data_is_the_block_mean_of_the_full_size_data() -> None:
 # A tiny stage: 2 steps, validated at the second; a 4x4 base stage (the 8x8 data downsampled) has no attention.
 STAGE_FIT = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1",
              "--model.init_args.sampler.init_args.steps=4"]
-BASE_4X4 = ["--data.init_args.image_size=4", "--data.init_args.downsample=2",
+BASE_4X4 = ["--data.init_args.image_format.image_size=4", "--data.init_args.image_format.downsample=2",
             "--model.init_args.net.init_args.attention_resolutions=[]"]
 # A cascade config (its trained stages' own nets) predicts on the tiny data: no tiny-net overrides (tiny=False).
 CASCADE_PREDICT = [*TINY_DATA, "--trainer.enable_progress_bar=false"]
@@ -227,10 +227,10 @@ def test_sr_stage_logs_psnr_and_consistency(stages: tuple[Path, Path]) -> None:
 def test_cascade_predict_writes_every_stage_and_seeds_fix_the_images(stages: tuple[Path, Path],
                                                                      tmp_path: Path) -> None:
     config = cascade_config(tmp_path / "cascade.yaml", *stages)
-    run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.predict_num_samples=4",
-            "--data.init_args.predict_batch_size=4", root=tmp_path / "a", tiny=False)
-    run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.predict_num_samples=4",
-            "--data.init_args.predict_batch_size=1", root=tmp_path / "b", tiny=False)
+    run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.predict.num=4",
+            "--data.init_args.predict.batch_size=4", root=tmp_path / "a", tiny=False)
+    run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.predict.num=4",
+            "--data.init_args.predict.batch_size=1", root=tmp_path / "b", tiny=False)
     one, two = read_samples(tmp_path / "a" / "predictions"), read_samples(tmp_path / "b" / "predictions")
     assert one["stage0"].shape == (4, 4, 4, 1) and one["samples"].shape == (4, 8, 8, 1)
     np.testing.assert_array_equal(one["samples"], one["stage1"])
@@ -239,7 +239,7 @@ def test_cascade_predict_writes_every_stage_and_seeds_fix_the_images(stages: tup
     assert {p.name for p in (tmp_path / "a" / "predictions").iterdir()} >= {
         "samples.npz", "grid.png", "grid_stage0.png", "grid_stage1.png"}
     # the base stage alone, sampled by predict from the same seeds, gives the cascade's first stage
-    base = predict_samples(BASE, *BASE_4X4, "--data.init_args.predict_num_samples=4",
+    base = predict_samples(BASE, *BASE_4X4, "--data.init_args.predict.num=4",
                            "--model.init_args.sampler.init_args.steps=4", root=tmp_path / "base", ckpt_path=stages[0])
     np.testing.assert_array_equal(base["samples"], one["stage0"])
 
@@ -249,7 +249,8 @@ def test_super_resolve_predicts_from_an_npz_of_low_res_images(stages: tuple[Path
     np.savez(tmp_path / "low.npz", images=low)
     arrays = predict_samples(SR, "--model.init_args.sampler.init_args.steps=4",
                              "--model.init_args.predict_task=diffusion_pl.pipelines.SuperResolve",
-                             f"--data.init_args.predict_images={tmp_path / 'low.npz'}", root=tmp_path / "sr",
+                             "--data.init_args.predict=diffusion_pl.data.ImageFiles",
+                             f"--data.init_args.predict.path={tmp_path / 'low.npz'}", root=tmp_path / "sr",
                              ckpt_path=stages[1])
     assert arrays["samples"].shape == (3, 8, 8, 1)
     np.testing.assert_array_equal(arrays["low_res"], low)
@@ -259,7 +260,7 @@ def test_super_resolve_predicts_from_an_npz_of_low_res_images(stages: tuple[Path
 def test_cascade_with_a_wrong_final_size_says_so(stages: tuple[Path, Path], tmp_path: Path) -> None:
     config = cascade_config(tmp_path / "cascade.yaml", *stages)
     with pytest.raises(ValueError, match="last cascade stage makes 1x8x8"):
-        run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.image_size=16", root=tmp_path / "c", tiny=False)
+        run_cli("predict", config, *CASCADE_PREDICT, "--data.init_args.image_format.image_size=16", root=tmp_path / "c", tiny=False)
 
 
 @pytest.mark.parametrize("order", ["base, base", "sr, sr"])

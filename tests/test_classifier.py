@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-
 import subprocess
 import sys
 from pathlib import Path
@@ -12,23 +11,21 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import REPO, run_cli
 
-from diffusion_pl.data import ImageDataModule
-from diffusion_pl.data.sources import ImageData, load_split
+from diffusion_pl.data import Digits, ImageData, ImageDataModule, ImageFormat
 from diffusion_pl.metrics import ClassifierFeatures
 from diffusion_pl.models import WarmupLR
 from diffusion_pl.models.classifier import ClassifierModule
-from diffusion_pl.nets.classifier import load_classifier_net
-from diffusion_pl.nets.classifier import EncoderClassifier
+from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
 from diffusion_pl.processes import DiscreteProcess
-from helpers import REPO, run_cli
 
 CLASSIFIER_CONFIG = str(REPO / "configs" / "classifier" / "fashion_mnist.yaml")
+DIGITS_8 = ImageFormat(image_size=8, channels=1, resize_mode="resize")
 
 
 def digits_data(batch_size: int = 64) -> ImageDataModule:
-    return ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", batch_size=batch_size,
-                           val_fraction=0.1)
+    return ImageDataModule(Digits(), DIGITS_8, batch_size=batch_size, val_fraction=0.1)
 
 
 def digits_classifier(process: DiscreteProcess | None = None, time_conditional: bool = False) -> ClassifierModule:
@@ -117,7 +114,7 @@ def test_short_training_on_digits_reaches_high_accuracy(tmp_path: Path) -> None:
 
 def check_sample_accuracy_tool(classifier: Path, root: Path) -> None:
     """tools/sample_accuracy.py scores real test digits: high against their labels, low against shifted ones."""
-    test = load_split("digits", "test", image_size=8, channels=1, resize_mode="resize")
+    test = Digits().load("test", DIGITS_8)
     samples = test.images.permute(0, 2, 3, 1).numpy()
     np.savez(root / "true.npz", samples=samples, labels=test.labels.numpy())
     np.savez(root / "shifted.npz", samples=samples, labels=(test.labels.numpy() + 1) % 10)
@@ -144,8 +141,8 @@ def check_per_class_fid(tool: list[str], classifier: Path, root: Path, test: Ima
     first_of_class = {int(c): int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels)}
     collapsed = test.images[[first_of_class[int(c)] for c in labels]].permute(0, 2, 3, 1).numpy()
     np.savez(root / "collapsed.npz", samples=collapsed, labels=labels)
-    result = subprocess.run([*tool, "--fid-source", "digits", "--fid-split", "test", "--resize-mode", "resize",
-                             str(root / "true.npz"), str(root / "collapsed.npz")],
+    result = subprocess.run([*tool, "--fid-source", "diffusion_pl.data.Digits", "--fid-split", "test",
+                             "--resize-mode", "resize", str(root / "true.npz"), str(root / "collapsed.npz")],
                             capture_output=True, text=True, check=True)
     rows = [line.split("|") for line in result.stdout.splitlines()[2:]]
     true_fid, collapsed_fid, floor = (np.array([float(v.split(":")[1]) for v in row[5].split()]) for row in rows)

@@ -8,11 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import DDPM_FASHION, REPO, last_checkpoint, run_cli
 
 from diffusion_pl.callbacks.progress import RunProgressBar
-from diffusion_pl.data.sources import DatasetNotFoundError
+from diffusion_pl.data import DatasetNotFoundError
 from diffusion_pl.samplers import DDPM
-from helpers import DDPM_FASHION, REPO, last_checkpoint, run_cli
 
 CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 # Configs of trained models put together for predict (cascades): tests/test_cascade.py runs them on tiny stages.
@@ -52,9 +52,10 @@ def test_data_arguments_are_linked_into_model_and_net(tmp_path: Path) -> None:
 def test_omegaconf_interpolation(tmp_path: Path) -> None:
     """Interpolations are resolved inside each config file when it is loaded (jsonargparse's omegaconf mode)."""
     extra = tmp_path / "extra.yaml"
-    extra.write_text("data:\n  init_args:\n    batch_size: 16\n    predict_num_samples: ${data.init_args.batch_size}\n")
+    extra.write_text("data:\n  init_args:\n    batch_size: 16\n    predict:\n      init_args:\n"
+                     "        num: ${data.init_args.batch_size}\n")
     cli = run_cli(None, DDPM_FASHION, root=tmp_path, overlays=[extra])
-    assert cli.datamodule.hparams.predict_num_samples == 16
+    assert cli.datamodule.predict.num == 16
 
 
 def test_unknown_config_key_is_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -65,20 +66,23 @@ def test_unknown_config_key_is_reported(tmp_path: Path, capsys: pytest.CaptureFi
 
 def test_unknown_dataset_name(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises((SystemExit, ValueError)) as info:
-        run_cli("fit", DDPM_FASHION, "--data.init_args.source=imagenet", "--trainer.fast_dev_run=true", root=tmp_path)
+        run_cli("fit", DDPM_FASHION, "--data.init_args.source=diffusion_pl.data.ImageNet", "--trainer.fast_dev_run=true",
+                root=tmp_path)
     message = str(info.value) + capsys.readouterr().err
-    assert "imagenet" in message and "fashion_mnist" in message
+    assert "diffusion_pl.data.ImageNet" in message
 
 
 def test_missing_offline_dataset(tmp_path: Path) -> None:
-    with pytest.raises(DatasetNotFoundError, match="data.root"):
-        run_cli("fit", DDPM_FASHION, "--data.init_args.source=cifar10", f"--data.init_args.root={tmp_path}",
-                "--data.init_args.download=false", "--trainer.fast_dev_run=true", root=tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="data.init_args.source.root"):
+        run_cli("fit", DDPM_FASHION, "--data.init_args.source=diffusion_pl.data.Torchvision",
+                "--data.init_args.source.name=CIFAR10", f"--data.init_args.source.root={tmp_path}",
+                "--data.init_args.source.download=false", "--trainer.fast_dev_run=true", root=tmp_path)
 
 
 def test_image_size_the_unet_cannot_downsample(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises((SystemExit, ValueError)) as info:
-        run_cli("fit", DDPM_FASHION, "--data.init_args.image_size=9", "--trainer.fast_dev_run=true", root=tmp_path)
+        run_cli("fit", DDPM_FASHION, "--data.init_args.image_format.image_size=9", "--trainer.fast_dev_run=true",
+                root=tmp_path)
     message = str(info.value) + capsys.readouterr().err
     assert "image_size" in message and "channel_mult" in message
 
@@ -93,7 +97,7 @@ def test_command_line_overrides_win_over_checkpoint_hyperparameters(tmp_path: Pa
     """`predict --ckpt_path X --model.init_args.sampler.steps=7` must sample with 7 steps, not the trained value."""
     run_cli("fit", DDPM_FASHION, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", root=tmp_path / "train")
     cli = run_cli("predict", DDPM_FASHION, "--model.init_args.sampler=DDPM", "--model.init_args.sampler.steps=7",
-                  "--data.init_args.predict_num_samples=2", root=tmp_path / "predict",
+                  "--data.init_args.predict.num=2", root=tmp_path / "predict",
                   ckpt_path=last_checkpoint(tmp_path / "train"))
     assert isinstance(cli.model.sampler, DDPM) and cli.model.sampler.steps == 7
 

@@ -296,5 +296,5 @@ def test_clip_part_guides_inside_inference_mode(tmp_path: Path, process: Discret
     assert not torch.equal(guided.eps, image_denoiser(x_t, t).eps) and torch.isfinite(guided.eps).all()
     with pytest.raises(ConfigError, match="noisy x_t"):
         CLIP(model=path, view="x_t").prepare(process, torch.device("cpu"))
-    with pytest.raises(ConfigError, match="predict_prompts"):
+    with pytest.raises(ConfigError, match="predict.prompts"):
         part.wrap(image_denoiser, batch={"seed": torch.arange(2)}, cond={}, null={}, process=process)

@@ -22,8 +22,8 @@ from diffusion_pl.nets.clip import MAX_CUT_PROMPT_WARNINGS, load_clip
 
 TEXT_CFG = str(REPO / "configs" / "clip" / "text_cfg_fashion_mnist.yaml")
 PROMPTS = ["a photo of a 3", "a photo of a 7"]
-PREDICT = ["--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
-           "--model.init_args.sampler.steps=4", f"--data.init_args.predict_prompts={PROMPTS}"]
+PREDICT = ["--data.init_args.predict.num=4", "--data.init_args.predict.batch_size=2",
+           "--model.init_args.sampler.steps=4", f"--data.init_args.predict.prompts={PROMPTS}"]
 # 3 steps without the EMA (so that the checkpoint's weights have moved from their initialisation), no validation.
 FIT = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0"]
 

@@ -35,7 +35,7 @@ def test_class_label_draws_dropout_from_the_global_rng_like_before() -> None:
 
 def test_class_label_examples_cycle_through_the_classes_and_it_checks_the_net() -> None:
     assert ClassLabel(3).example_batch(7, "cpu")["label"].tolist() == [0, 1, 2, 0, 1, 2, 0]
-    with pytest.raises(KeyError, match="predict_labels"):
+    with pytest.raises(KeyError, match="predict.labels"):
         ClassLabel(3)({}, training=True)
     net = UNet(image_size=8, in_channels=1, base_channels=16, channel_mult=(1,), num_res_blocks=1,
                attention_resolutions=(), num_classes=5)

@@ -106,7 +106,7 @@ def test_predict_with_two_processes_matches_one(fit_run: Run, tmp_path: Path) ->
     ckpt = str(fit_run.log_dir / "checkpoints" / "last.ckpt")
     num_samples = 5
     common = ["predict", "--config", DDPM_FASHION, *TINY_OVERRIDES, f"--ckpt_path={ckpt}",
-              f"--data.init_args.predict_num_samples={num_samples}", "--data.init_args.predict_batch_size=2"]
+              f"--data.init_args.predict.num={num_samples}", "--data.init_args.predict.batch_size=2"]
     outputs = {}
     for name, extra in (("single", []), ("ddp", DDP_ARGS)):
         out = tmp_path / name

@@ -16,15 +16,17 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from analytic import gaussian_features
+from helpers import REPO
 from PIL import Image
+from test_fid import FlattenFeatures
 from torch import Tensor
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from analytic import gaussian_features
 from diffusion_pl.cli.evaluate import main
-from diffusion_pl.data.sources import load_split
+from diffusion_pl.data import Digits, ImageFormat
 from diffusion_pl.metrics import (
     FeatureReference,
     GaussianMoments,
@@ -40,8 +42,6 @@ from diffusion_pl.metrics.scoring import ReferenceFeaturesError
 from diffusion_pl.metrics.statistics_file import load_statistics, save_statistics
 from diffusion_pl.nets.classifier import load_classifier_net
 from diffusion_pl.nets.clip import CLIPNet, load_clip
-from helpers import REPO
-from test_fid import FlattenFeatures
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -177,7 +177,7 @@ def test_precision_recall_closed_forms() -> None:
 
 
 def digits(split: str) -> tuple[Tensor, Tensor]:
-    data = load_split("digits", split, image_size=8, channels=1, resize_mode="resize")
+    data = Digits().load(split, ImageFormat(image_size=8, channels=1, resize_mode="resize"))
     return data.images, data.labels
 
 
@@ -218,7 +218,7 @@ def test_command_scores_an_npz_end_to_end(tmp_path: Path, capsys: pytest.Capture
     npz = write_npz(tmp_path / "samples.npz", samples, labels=labels.numpy())
     common = ["--domain", str(CLASSIFIER), "--resize-mode", "resize", "--floor", "--kid", "--kid-subsets", "10",
               "--precision-recall"]
-    status, out, err = run(capsys, str(npz), "--reference", "digits:test", *common, "--on-target", str(CLASSIFIER),
+    status, out, err = run(capsys, str(npz), "--reference", "Digits:test", *common, "--on-target", str(CLASSIFIER),
                            "--save-reference", str(tmp_path / "digits_test.npz"))
     assert status == 0, err
     report = json.loads((tmp_path / "samples.scores.json").read_text())
@@ -231,7 +231,8 @@ def test_command_scores_an_npz_end_to_end(tmp_path: Path, capsys: pytest.Capture
     assert set(report["details"]["on_target_per_class"]) <= {str(c) for c in range(10)}
     assert 0 <= metrics["domain/precision"] <= 1 and 0 <= metrics["domain/recall"] <= 1
     assert metrics["domain/kid_std"] > 0
-    assert report["settings"]["num_samples"] == 120 and report["settings"]["reference"]["source"] == "digits"
+    assert report["settings"]["num_samples"] == 120
+    assert report["settings"]["reference"]["source"]["class_path"].endswith(".Digits")
     table = out.splitlines()
     assert table[:2] == ["| metric | value |", "|---|---|"]
     assert f"| domain/fid | {metrics['domain/fid']:.6g} |" in table and "| on_target | 0.5 |" in table
@@ -247,7 +248,7 @@ def test_command_on_the_reference_itself_gives_zero_fid_and_full_precision_recal
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     test_images, _ = digits("test")
     npz = write_npz(tmp_path / "real.npz", test_images)
-    status, _, err = run(capsys, str(npz), "--reference", "digits", "--resize-mode", "resize",
+    status, _, err = run(capsys, str(npz), "--reference", "Digits", "--resize-mode", "resize",
                          "--domain", str(CLASSIFIER), "--precision-recall")
     assert status == 0, err
     metrics = json.loads((tmp_path / "real.scores.json").read_text())["metrics"]
@@ -273,7 +274,7 @@ def test_command_runs_inception_metrics_offline_on_an_image_folder(
                             "inception/is_std"}
     assert metrics["inception/fid"] > 0 and 1.0 <= metrics["inception/is"] <= 1008
     assert report["settings"]["image_shape"] == [1, 8, 8]
-    assert report["settings"]["reference"]["source"] == "image_folder"
+    assert report["settings"]["reference"]["source"]["class_path"].endswith(".ImageFolder")
 
 
 def test_command_clip_score_is_the_mean_cosine_to_each_prompt(tmp_path: Path,
@@ -298,9 +299,9 @@ def test_command_clip_score_is_the_mean_cosine_to_each_prompt(tmp_path: Path,
 
 
 @pytest.mark.parametrize(("arrays", "args", "expected"), [
-    ({"pictures": np.zeros((4, 8, 8, 1), np.uint8)}, ["--domain", str(CLASSIFIER), "--reference", "digits"],
+    ({"pictures": np.zeros((4, 8, 8, 1), np.uint8)}, ["--domain", str(CLASSIFIER), "--reference", "Digits"],
      "has no images or samples array"),
-    ({"samples": np.zeros((4, 16, 16, 1), np.uint8)}, ["--domain", str(CLASSIFIER), "--reference", "digits"],
+    ({"samples": np.zeros((4, 16, 16, 1), np.uint8)}, ["--domain", str(CLASSIFIER), "--reference", "Digits"],
      "takes (1, 8, 8)"),
     ({"samples": np.zeros((4, 8, 8, 1), np.uint8)}, ["--on-target", str(CLASSIFIER)], "pass --labels"),
     ({"samples": np.zeros((4, 8, 8, 1), np.uint8)}, ["--domain", str(CLASSIFIER)], "add --reference"),
@@ -326,8 +327,8 @@ def test_statistics_files_are_checked_against_the_samples_and_the_network(
     where KID needs features: exit 2 with what to do."""
     moments = GaussianMoments(torch.zeros(32, dtype=torch.float64), torch.eye(32, dtype=torch.float64), 10)
     other_net = FeatureReference(moments, torch.zeros(10, 32), "classifier", "0" * 64)
-    save_statistics(tmp_path / "size16.npz", {"domain": other_net}, {"image_size": 16, "channels": 1})
-    save_statistics(tmp_path / "other_net.npz", {"domain": other_net}, {"image_size": 8, "channels": 1})
+    save_statistics(tmp_path / "size16.npz", {"domain": other_net}, {"image_format": {"image_size": 16, "channels": 1}})
+    save_statistics(tmp_path / "other_net.npz", {"domain": other_net}, {"image_format": {"image_size": 8, "channels": 1}})
     np.savez(tmp_path / "pytorch_fid.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     npz = write_npz(tmp_path / "samples.npz", digits("test")[0][:10])
     for reference, args, expected in [

@@ -13,13 +13,16 @@ import scipy.linalg
 import torch
 import torch.nn.functional as F
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
+from analytic import gaussian_features
+from helpers import DDPM_FASHION, REPO, LossRecorder, cli_process, last_checkpoint, run_cli, run_trainer, tiny_args
 from lightning.pytorch.loggers import Logger
+from test_classifier import train_digits_classifier
 from torch import Tensor
 
 import diffusion_pl.callbacks.fid as fid_module
 from diffusion_pl.callbacks.fid import FID, batch_seed, rank_batches
 from diffusion_pl.cli import DiffusionCLI
-from diffusion_pl.data.sources import load_split
+from diffusion_pl.data import Digits, ImageFormat
 from diffusion_pl.metrics import (
     ClassifierFeatures,
     FeatureExtractor,
@@ -32,9 +35,6 @@ from diffusion_pl.metrics import (
     inception_input,
     reference_statistics,
 )
-from analytic import gaussian_features
-from helpers import DDPM_FASHION, REPO, LossRecorder, cli_process, last_checkpoint, run_cli, run_trainer, tiny_args
-from test_classifier import train_digits_classifier
 
 FID_OVERLAY = REPO / "overlays" / "fid_fashion_mnist.yaml"
 
@@ -155,7 +155,7 @@ def digits_classifier_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def digits(split: str) -> Tensor:
-    data = load_split("digits", split, image_size=8, channels=1, resize_mode="resize")
+    data = Digits().load(split, ImageFormat(image_size=8, channels=1, resize_mode="resize"))
     return data.images.float() / 127.5 - 1.0
 
 

@@ -20,7 +20,7 @@ IMPROVED = str(REPO / "configs" / "ddpm" / "fashion_mnist_improved.yaml")  # the
 
 # Fits run without the EMA (remove=(EMA,)), so that the checkpoint's weights have moved from their initialisation.
 FIT = ["--trainer.max_steps=20", "--trainer.limit_val_batches=0", "--model.init_args.lr_scheduler.init_args.warmup_steps=0"]
-PREDICT = ["--data.init_args.predict_num_samples=6", "--data.init_args.predict_batch_size=3",
+PREDICT = ["--data.init_args.predict.num=6", "--data.init_args.predict.batch_size=3",
            "--model.init_args.sampler.steps=5"]
 
 
@@ -38,12 +38,12 @@ def cfg_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_classifier_free_predict_targets_the_labels(tmp_path: Path, cfg_checkpoint: Path) -> None:
-    guided = predict_samples(CFG, *PREDICT, "--data.init_args.predict_labels=[3]", root=tmp_path / "w3",
+    guided = predict_samples(CFG, *PREDICT, "--data.init_args.predict.labels=[3]", root=tmp_path / "w3",
                              ckpt_path=cfg_checkpoint)
     assert guided["samples"].shape == (6, 8, 8, 1) and guided["labels"].tolist() == [3] * 6
-    other_label = predict_samples(CFG, *PREDICT, "--data.init_args.predict_labels=[5]", root=tmp_path / "w3_y5",
+    other_label = predict_samples(CFG, *PREDICT, "--data.init_args.predict.labels=[5]", root=tmp_path / "w3_y5",
                                   ckpt_path=cfg_checkpoint)
-    conditional = predict_samples(CFG, *PREDICT, "--data.init_args.predict_labels=[3]",
+    conditional = predict_samples(CFG, *PREDICT, "--data.init_args.predict.labels=[3]",
                                   "--model.init_args.guidance.scale=0.0", root=tmp_path / "w0",
                                   ckpt_path=cfg_checkpoint)
     # Same seeds: the label and the guidance weight are what change the images.
@@ -62,7 +62,7 @@ def test_classifier_guided_predict_uses_the_noisy_classifier(tmp_path: Path) -> 
 
     def guided(scale: float) -> dict[str, np.ndarray]:
         return predict_samples(CLASSIFIER_GUIDED, *PREDICT, *classifier_guidance(classifier_ckpt, scale),
-                               "--data.init_args.predict_labels=[2,7]", root=tmp_path / f"scale{scale}",
+                               "--data.init_args.predict.labels=[2,7]", root=tmp_path / f"scale{scale}",
                                ckpt_path=diffusion_ckpt)
 
     scale_zero, scale_ten = guided(0.0), guided(10.0)

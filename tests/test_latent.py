@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -36,7 +37,7 @@ from diffusion_pl.core.errors import (
     ConfigError,
 )
 from diffusion_pl.core.spec import Configurable
-from diffusion_pl.data import ImageDataModule, calibration_batches
+from diffusion_pl.data import Digits, ImageDataModule, ImageFormat, calibration_batches
 from diffusion_pl.guidance import ClassifierFree
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets import UNet
@@ -156,18 +157,18 @@ def test_scale_errors(linear_checkpoint: str, tmp_path: Path) -> None:
         Autoencoder(linear_checkpoint, scale=-1.0)
     with pytest.raises(CheckpointNotFoundError, match="autoencoder_fashion_mnist.yaml"):
         Autoencoder(str(tmp_path / "missing.ckpt"))
-    with pytest.raises(ConfigError, match="ImageDataModule"):
+    with pytest.raises(ConfigError, match="training_image_batches"):
         calibration_batches(object(), 10)
 
 
 def test_calibration_images_are_split_over_ranks_and_cover_the_first_n() -> None:
     """Every process takes every world-size-th image: the ranks' shares together are the first N images once."""
-    data = ImageDataModule(source="digits", image_size=8, channels=1, resize_mode="resize", batch_size=16)
+    data = ImageDataModule(Digits(), ImageFormat(image_size=8, channels=1, resize_mode="resize"), batch_size=16)
     data.setup("fit")
     single = torch.cat(list(data.training_image_batches(100)))
     shares = []
     for rank in range(3):
-        data._world = lambda rank=rank: (3, rank)  # what a trainer with 3 processes reports
+        data.trainer = SimpleNamespace(world_size=3, global_rank=rank)  # a trainer with 3 processes
         shares.append(torch.cat(list(data.training_image_batches(100))))
     assert single.shape[0] == 100 and sum(s.shape[0] for s in shares) == 100
     merged = torch.empty_like(single)
@@ -293,8 +294,8 @@ def test_class_conditional_latent_model_predicts_decoded_images_with_its_stored_
                           prepend=[ModelCheckpoint(dirpath=tmp_path / "train" / "ckpt", every_n_train_steps=1,
                                                    save_last=True)])
     scale = trained.model.first_stage.scale.item()
-    cli = run_trainer("predict", LDM_CLASS, "--data.init_args.predict_num_samples=6",
-                      "--data.init_args.predict_labels=[3,5]", "--model.init_args.sampler.steps=5",
+    cli = run_trainer("predict", LDM_CLASS, "--data.init_args.predict.num=6",
+                      "--data.init_args.predict.labels=[3,5]", "--model.init_args.sampler.steps=5",
                       root=tmp_path / "predict", ckpt_path=tmp_path / "train" / "ckpt" / "last.ckpt",
                       settings={SampleWriter: {"output_dir": str(tmp_path / "out")}})
     assert cli.model.first_stage.scale.item() == scale > 0  # from the checkpoint; predict estimates nothing
@@ -315,7 +316,7 @@ def test_a_latent_checkpoint_predicts_on_its_own(tmp_path: Path) -> None:
                 root=tmp_path / "train", settings=sample_grid(2),
                 prepend=[ModelCheckpoint(dirpath=tmp_path / "train" / "ckpt", every_n_train_steps=1, save_last=True)])
     ckpt = tmp_path / "train" / "ckpt" / "last.ckpt"
-    predict = ["--data.init_args.predict_num_samples=3", "--model.init_args.sampler.steps=3"]
+    predict = ["--data.init_args.predict.num=3", "--model.init_args.sampler.steps=3"]
 
     reference = predict_samples(LDM, *predict, stage, root=tmp_path / "same", ckpt_path=ckpt)["samples"]
     respelled = f"--model.init_args.first_stage.init_args.checkpoint={tmp_path / 'ae' / '.' / 'autoencoder.ckpt'}"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion_pl.data import ImageDataModule
-from diffusion_pl.data import sources
+from diffusion_pl.data import ImageDataModule, ImageFolder, ImageFormat, LazyImageFolder
+from diffusion_pl.data import format as image_format
 
 
 def make_split_folder(root: Path) -> Path:
@@ -44,11 +44,11 @@ def equal_items(a: torch.utils.data.Dataset, b: torch.utils.data.Dataset) -> Non
 ])
 def test_lazy_folder_equals_in_memory_image_for_image(tmp_path: Path, options: dict) -> None:
     root = str(make_split_folder(tmp_path))
-    memory = ImageDataModule("image_folder", root=root, val_fraction=0.25, **options)
-    lazy = ImageDataModule("image_folder", root=root, val_fraction=0.25, lazy_decode=True, **options)
+    memory = ImageDataModule(ImageFolder(root), ImageFormat(**options), val_fraction=0.25)
+    lazy = ImageDataModule(ImageFolder(root, lazy=True), ImageFormat(**options), val_fraction=0.25)
     for dm in (memory, lazy):
         dm.setup(None)
-    assert isinstance(lazy.train_set.data, sources.LazyImageFolder)
+    assert isinstance(lazy.train_set.data, LazyImageFolder)
     for split in ("train_set", "val_set", "test_set"):
         equal_items(getattr(lazy, split), getattr(memory, split))
     captions = {lazy.train_set[i]["caption"] for i in range(len(lazy.train_set))} | \
@@ -60,22 +60,17 @@ def test_lazy_folder_equals_in_memory_image_for_image(tmp_path: Path, options: d
 def test_lazy_folder_decodes_in_the_loader_workers_not_at_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                 ) -> None:
     root = str(make_split_folder(tmp_path))
-    memory = ImageDataModule("image_folder", root=root, image_size=8, channels=3, batch_size=4, num_workers=2)
+    rgb8 = ImageFormat(image_size=8, channels=3)
+    memory = ImageDataModule(ImageFolder(root), rgb8, batch_size=4, num_workers=2)
     memory.setup("fit")
-    lazy = ImageDataModule("image_folder", root=root, image_size=8, channels=3, batch_size=4, num_workers=2,
-                           lazy_decode=True)
-    decode = sources.decode_image
+    lazy = ImageDataModule(ImageFolder(root, lazy=True), rgb8, batch_size=4, num_workers=2)
+    decode = image_format.decode_image
 
     def no_decode(*args: object, **kwargs: object) -> None:
         raise AssertionError("an image was decoded at setup")
 
-    monkeypatch.setattr(sources, "decode_image", no_decode)
+    monkeypatch.setattr(image_format, "decode_image", no_decode)
     lazy.setup("fit")
-    monkeypatch.setattr(sources, "decode_image", decode)
+    monkeypatch.setattr(image_format, "decode_image", decode)
     for a, b in zip(lazy.train_dataloader(), memory.train_dataloader(), strict=True):  # same seeded order
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-
-
-def test_lazy_decode_is_for_image_folders_only() -> None:
-    with pytest.raises(ValueError, match="image_folder"):
-        ImageDataModule("digits", lazy_decode=True)

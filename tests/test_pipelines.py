@@ -255,7 +255,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("method", ["replace", "repaint", "x0"])
 def test_predict_inpaints_test_images_and_keeps_the_known_pixels(tmp_path: Path, tiny_checkpoint: Path,
                                                                   method: str) -> None:
-    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4",
+    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict.num=4",
                           f"--model.init_args.predict_task.method={method}", "--model.init_args.predict_task.steps=5",
                           "--model.init_args.predict_task.resample=2", "--model.init_args.predict_task.jump_length=2",
                           root=tmp_path, overlays=["overlays/inpaint.yaml"], ckpt_path=tiny_checkpoint, grid=True)
@@ -275,7 +275,7 @@ def test_bad_mask_files_are_one_error_line_of_the_command_line(tmp_path: Path, t
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     cases = {"missing.png": "not found: give an image of 8x8 pixels", "garbage.png": "does not decode",
              "big.png": "is 16x16, the images are 8x8", "black.png": "keeps every pixel"}
-    commands = [["predict", *tiny_args(tmp_path / "runs" / name, *PREDICT, "--data.init_args.predict_num_samples=2",
+    commands = [["predict", *tiny_args(tmp_path / "runs" / name, *PREDICT, "--data.init_args.predict.num=2",
                                        f"--model.init_args.predict_task.mask_file={tmp_path / name}",
                                        "--ckpt_path", str(tiny_checkpoint), overlays=["overlays/inpaint.yaml"])]
                 for name in cases]
@@ -287,8 +287,8 @@ def test_bad_mask_files_are_one_error_line_of_the_command_line(tmp_path: Path, t
 
 
 def test_predict_interpolates_pairs_of_test_images(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4",
-                          "--data.init_args.predict_batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]",
+    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict.num=4",
+                          "--data.init_args.predict.batch_size=4", "--model.init_args.predict_task.lambdas=[0,0.5,1]",
                           root=tmp_path, overlays=["overlays/interpolate.yaml"], ckpt_path=tiny_checkpoint, grid=True)
     assert out["samples"].shape == (2 * 3, 8, 8, 1) and out["lambda"].tolist() == [0, 0.5, 1] * 2
 
@@ -316,7 +316,8 @@ def write_pngs(folder: Path, images: np.ndarray) -> None:
 def test_predict_inpaints_images_from_a_folder(tmp_path: Path, tiny_checkpoint: Path) -> None:
     images = np.random.default_rng(0).integers(0, 256, size=(3, 8, 8, 1), dtype=np.uint8)
     write_pngs(tmp_path / "inputs", images)
-    out = predict_samples(DDPM_FASHION, *PREDICT, f"--data.init_args.predict_images={tmp_path / 'inputs'}",
+    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict=diffusion_pl.data.ImageFiles",
+                          f"--data.init_args.predict.path={tmp_path / 'inputs'}",
                           root=tmp_path / "run", overlays=["overlays/inpaint.yaml"], ckpt_path=tiny_checkpoint,
                           grid=True)
     in_name_order = images[::-1]
@@ -327,7 +328,7 @@ def test_predict_inpaints_images_from_a_folder(tmp_path: Path, tiny_checkpoint: 
 
 
 def test_predict_images_errors_say_what_is_wrong(tmp_path: Path) -> None:
-    from diffusion_pl.data.predict_inputs import PredictInputError, load_predict_images
+    from diffusion_pl.data.predict import PredictInputError, load_predict_images
 
     with pytest.raises(PredictInputError, match="does not exist"):
         load_predict_images(str(tmp_path / "missing"), 1)
@@ -357,10 +358,10 @@ def test_predict_trajectory_shows_each_seed_forming_and_leaves_the_samples_as_th
     """The Trajectory task writes each seed's states at evenly spaced steps (N x frames x H x W x C) beside samples
     identical to a plain predict of the same seeds (the observer changes nothing); the frames go from the first step's
     noisy state to the sample. (A 2-step model's x0 estimates saturate; test_fast_samplers checks x0_hat exactly.)"""
-    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4",
+    out = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict.num=4",
                           "--model.init_args.predict_task.frames=3", "--model.init_args.predict_task.show=x",
                           root=tmp_path / "trajectory", overlays=["overlays/trajectory.yaml"], ckpt_path=tiny_checkpoint)
-    plain = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict_num_samples=4", root=tmp_path / "plain",
+    plain = predict_samples(DDPM_FASHION, *PREDICT, "--data.init_args.predict.num=4", root=tmp_path / "plain",
                             ckpt_path=tiny_checkpoint)
     assert np.array_equal(out["samples"], plain["samples"])
     trajectory = out["trajectory"]

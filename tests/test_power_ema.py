@@ -304,7 +304,7 @@ def test_command_writes_a_checkpoint_that_predict_loads(runs: dict, tmp_path: Pa
     assert not set(written) & {"optimizer_states", "callbacks", "current_model_state", "loops"}
     assert written["posthoc_ema"]["sigma_rel"] == 0.07 and written["posthoc_ema"]["step"] == STEPS
     predictions = tmp_path / "predictions"
-    cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict_num_samples=2", "--model.init_args.sampler.steps=2")
+    cli = tiny_cli(tmp_path / "predict", "--data.init_args.predict.num=2", "--model.init_args.sampler.steps=2")
     set_callback(cli, SampleWriter, output_dir=str(predictions))
     cli.trainer.predict(cli.model, datamodule=cli.datamodule, ckpt_path=outputs[0.07], return_predictions=False)
     assert np.load(predictions / "samples.npz")["samples"].shape == (2, 8, 8, 1)

@@ -56,7 +56,8 @@ from diffusion_pl.core.errors import (
 )
 from diffusion_pl.core.owner import Owner
 from diffusion_pl.core.spec import spec_of
-from diffusion_pl.data import sources
+from diffusion_pl.data import ImageFolder, ImageFormat
+from diffusion_pl.data.sources import fashion_mnist
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.nets.classifier import EncoderClassifier, load_classifier_net
 from diffusion_pl.nets.first_stage import Autoencoder
@@ -368,7 +369,7 @@ def test_ddpm_checkpoint_under_the_sde_config_and_the_reverse(ddpm_run: Path, vp
                                             (DDPM_FASHION, vp_run, "VPSDE(", "DiscreteProcess(")):
         ckpt = checkpoints(run) / "last.ckpt"
         with pytest.raises(CheckpointMismatchError) as info:
-            run_cli("predict", config, "--data.init_args.predict_num_samples=2", root=tmp_path / "predict",
+            run_cli("predict", config, "--data.init_args.predict.num=2", root=tmp_path / "predict",
                     ckpt_path=ckpt)
         text = str(info.value)
         assert f"process: {stored}" in text and f"in the checkpoint, {configured}" in text and "in the config" in text
@@ -384,7 +385,7 @@ def test_width_mismatch_is_one_line_not_hundreds(ddpm_run: Path, tmp_path: Path)
 
 def test_sampling_options_may_differ_from_the_checkpoint(ddpm_run: Path, tmp_path: Path) -> None:
     options = ["--model.init_args.sampler=DDPM", "--model.init_args.sampler.steps=5",
-               "--data.init_args.predict_num_samples=2"]
+               "--data.init_args.predict.num=2"]
     cli = run_cli("predict", DDPM_FASHION, *options, root=tmp_path, ckpt_path=checkpoints(ddpm_run) / "last.ckpt")
     assert cli.model.sampler.steps == 5
 
@@ -407,7 +408,7 @@ def _image_folder(root: Path) -> Path:
 def test_undecodable_image_is_named(tmp_path: Path) -> None:
     broken = _image_folder(tmp_path)
     with pytest.raises(DataError, match=f"cannot decode image {broken} .*truncated"):
-        sources.load_split("image_folder", "train", root=str(tmp_path), image_size=8, channels=1)
+        ImageFolder(str(tmp_path)).load("train", ImageFormat(image_size=8, channels=1))
 
 
 def test_yaml_syntax_error_names_the_file(tmp_path: Path) -> None:
@@ -422,9 +423,9 @@ def test_missing_explicit_fashion_mnist_root_warns(tmp_path: Path, monkeypatch: 
     system.mkdir()
     for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
         (system / name).touch()
-    monkeypatch.setattr(sources, "FASHION_MNIST_SYSTEM_DIR", system)
-    with caplog.at_level(logging.WARNING, logger="diffusion_pl.data.sources"):
-        images, _ = sources.resolve_fashion_mnist("train", root=str(tmp_path / "typo"), download=False)
+    monkeypatch.setattr(fashion_mnist, "FASHION_MNIST_SYSTEM_DIR", system)
+    with caplog.at_level(logging.WARNING, logger="diffusion_pl.data.sources.fashion_mnist"):
+        images, _ = fashion_mnist.resolve_fashion_mnist("train", root=str(tmp_path / "typo"), download=False)
     assert images.parent == system
     assert f"not found under the given root={str(tmp_path / 'typo')!r}" in caplog.text and str(system) in caplog.text
 
@@ -505,7 +506,7 @@ def test_read_only_folder_and_full_disk_are_one_message_and_leave_nothing_partia
     with small_file_system(tmp_path / "ro", "ro") as read_only, small_file_system(tmp_path / "full", "size=32k") as full:
         fit, predict = run_cli_processes([
             ["fit", *tiny_args(read_only / "run", "--trainer.max_steps=1")],
-            ["predict", *tiny_args(full / "run", "--data.init_args.predict_num_samples=600"), f"--ckpt_path={good}"]])
+            ["predict", *tiny_args(full / "run", "--data.init_args.predict.num=600"), f"--ckpt_path={good}"]])
         leftovers = sorted(str(p.relative_to(full)) for p in full.rglob("*") if p.is_file())
     assert fit.returncode == 2 and "error: cannot write" in fit.stderr and "Read-only file system" in fit.stderr, \
         fit.stderr[-2000:]
@@ -521,6 +522,8 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
     folder = tmp_path / "images"
     broken = _image_folder(folder)
     bad_yaml = overlay(tmp_path / "bad.yaml", "trainer:\n  max_steps: [1\n  foo: 2\n")
+    old_data = overlay(tmp_path / "old_data.yaml", "data:\n  init_args:\n    source: image_folder\n    root: data/images\n"
+                       "    lazy_decode: true\n    image_size: 16\n")
     corrupt = damaged_copy(checkpoints(ddpm_run), tmp_path / "corrupt", "bytes", 100_000)
     good = checkpoints(ddpm_run) / "last.ckpt"
     poisoned, _ = poisoned_copy(ddpm_run, tmp_path / "poisoned")
@@ -533,21 +536,29 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
         Image.fromarray(np.zeros((16, 16), np.uint8)).save(large / f"{i}.png")
     guided_by_ddpm = (f"--model.init_args.guidance=[{{class_path: diffusion_pl.guidance.Classifier, init_args: "
                       f"{{checkpoint: {good}}}}}]")
-    fit, predict = ["fit", "--trainer.max_steps=1"], ["predict", "--data.init_args.predict_num_samples=2"]
+    fit, predict = ["fit", "--trainer.max_steps=1"], ["predict", "--data.init_args.predict.num=2"]
     return {
         "unknown source": (DDPM_FASHION, [*fit, "--data.init_args.source=imagenet"],
-                           "unknown data source 'imagenet'; valid sources are"),
-        "image_size 33": (DDPM_FASHION, [*fit, "--data.init_args.image_size=33"], "image_size=33 is not divisible"),
+                           "Expected a dot import path string: imagenet"),
+        "config of the old data module": (DDPM_FASHION, [*fit, "--config", str(old_data)],
+                                          "source: {class_path: diffusion_pl.data.ImageFolder, init_args: {root: "
+                                          "data/images, lazy: true}}"),
+        "old data arguments": (DDPM_FASHION, ["predict", "--data.init_args.predict_num_samples=2",
+                                              "--data.init_args.predict_from=test"],
+                               "Write\n--data.init_args.predict=diffusion_pl.data.SplitImages "
+                               "--data.init_args.predict.split=test --data.init_args.predict.num=2"),
+        "image_size 33": (DDPM_FASHION, [*fit, "--data.init_args.image_format.image_size=33"],
+                          "image_size=33 is not divisible"),
         "batch size 0": (DDPM_FASHION, [*fit, "--data.init_args.batch_size=0"], "batch sizes must be >= 1"),
         "sampler not fitting the process": (VP, [*fit, "--model.init_args.sampler=DDPM"],
                                             "DDPM samples a DiscreteProcess, got VPSDE"),
         "truncated PNG": (DDPM_FASHION,
-                          [*fit, "--data.init_args.source=image_folder", f"--data.init_args.root={folder}"],
+                          [*fit, "--data.init_args.source=diffusion_pl.data.ImageFolder",
+                           f"--data.init_args.source.root={folder}"],
                           f"cannot decode image {broken}"),
         "YAML syntax error": (DDPM_FASHION, [*fit, "--config", str(bad_yaml)],
                               f"config file {bad_yaml} is not valid YAML"),
-        "predict_num_samples=0": (DDPM_FASHION, ["predict", "--data.init_args.predict_num_samples=0"],
-                                  "predict_num_samples must be >= 1"),
+        "predict num=0": (DDPM_FASHION, ["predict", "--data.init_args.predict.num=0"], "Seeds num must be >= 1"),
         "corrupted checkpoint": (DDPM_FASHION, [*predict, f"--ckpt_path={corrupt}"],
                                  f"checkpoint {corrupt} is damaged"),
         "mismatched checkpoint": (VP, [*predict, f"--ckpt_path={good}"],
@@ -565,7 +576,8 @@ def _bad_inputs(tmp_path: Path, ddpm_run: Path) -> dict[str, tuple[str, list[str
                                                       f"{good}: wrong kind of checkpoint: written by DiffusionModule"),
         "predict images of another size": (DDPM_FASHION, [
             *predict, "--model.init_args.predict_task=diffusion_pl.pipelines.Inpaint",
-            f"--data.init_args.predict_images={large}", f"--ckpt_path={good}"],
+            "--data.init_args.predict=diffusion_pl.data.ImageFiles", f"--data.init_args.predict.path={large}",
+            f"--ckpt_path={good}"],
             "UNet expected 8x8 inputs (image_size=8), got 16x16; give images of that size"),
         "missing checkpoint": (DDPM_FASHION, [*predict, f"--ckpt_path={tmp_path / 'nope.ckpt'}"],
                                "nope.ckpt not found"),

@@ -29,16 +29,15 @@ from helpers import REPO, cli_process, fit_bare, run_cli, start_cli_process
 from PIL import Image
 
 from diffusion_pl.core.errors import DataError, UserError
-from diffusion_pl.data import ImageDataModule, streaming
-from diffusion_pl.data.streaming import (
-    CHECKSUM_FILE,
-    NotOptimizedError,
-    StreamingImageDataset,
-    convert_source,
-)
+from diffusion_pl.data import Digits, ImageDataModule, ImageFolder, ImageFormat, Streaming
+from diffusion_pl.data.convert import convert_source
+from diffusion_pl.data.streaming import dataset as streaming_dataset
+from diffusion_pl.data.streaming import metadata as streaming_metadata
+from diffusion_pl.data.streaming.dataset import StreamingImageDataset
+from diffusion_pl.data.streaming.metadata import CHECKSUM_FILE, NotOptimizedError
 
 PER_CLASS = 25  # 2 classes: 50 images, 2 held out for validation, 48 to train on
-FORMAT = {"image_size": 8, "channels": 3, "resize_mode": "resize"}
+FORMAT = ImageFormat(image_size=8, channels=3, resize_mode="resize")
 
 
 def make_folder(root: Path) -> Path:
@@ -56,9 +55,10 @@ def make_folder(root: Path) -> Path:
 
 
 def convert_with_tool(folder: Path, output: Path, storage: str) -> None:
-    command = [sys.executable, str(REPO / "tools" / "convert_dataset.py"), "--source", "image_folder",
-               "--root", str(folder), "--output", str(output), "--image-size", "8", "--channels", "3",
-               "--resize-mode", "resize", "--storage", storage, "--val-fraction", "0.04"]
+    command = [sys.executable, str(REPO / "tools" / "convert_dataset.py"), "--source", "diffusion_pl.data.ImageFolder",
+               "--source.root", str(folder), "--source.lazy", "true", "--output", str(output),
+               "--image_format.image_size", "8", "--image_format.resize_mode", "resize", "--storage", storage,
+               "--val_fraction", "0.04"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -100,9 +100,9 @@ def test_converted_folder_streams_the_in_memory_images_labels_and_captions(
         root = converted
     else:
         root = tmp_path / "raw"
-        convert_source("image_folder", str(root), root=str(folder), storage="raw", val_fraction=0.04, **FORMAT)
-    memory = ImageDataModule("image_folder", root=str(folder), val_fraction=0.04, **FORMAT)
-    streamed = ImageDataModule("streaming", root=str(root), val_fraction=0.04, batch_size=4, **FORMAT)
+        convert_source(ImageFolder(str(folder)), str(root), FORMAT, storage="raw", val_fraction=0.04)
+    memory = ImageDataModule(ImageFolder(str(folder)), FORMAT, val_fraction=0.04)
+    streamed = ImageDataModule(Streaming(str(root)), FORMAT, val_fraction=0.04, batch_size=4)
     assert streamed.class_names == memory.class_names == ["cat", "dog"]
     memory.setup("fit")
     streamed.setup("fit")
@@ -120,20 +120,20 @@ def test_converted_folder_streams_the_in_memory_images_labels_and_captions(
 
 
 def test_whole_split_in_memory_for_reference_statistics(converted: Path, folder: Path) -> None:
-    streamed = ImageDataModule("streaming", root=str(converted), **FORMAT).load("train")
-    memory = ImageDataModule("image_folder", root=str(folder), val_fraction=0.04, **FORMAT)
+    streamed = ImageDataModule(Streaming(str(converted)), FORMAT).load("train")
+    memory = ImageDataModule(ImageFolder(str(folder)), FORMAT, val_fraction=0.04)
     memory.setup("fit")
     assert sorted(fingerprint(streamed.images)) == sorted(fingerprint(memory.train_set.data.images))
 
 
 def test_an_array_source_converts_with_its_test_split(tmp_path: Path) -> None:
     """digits (an in-memory array source like Fashion-MNIST and CIFAR-10): raw storage is exact, JPEG close."""
-    options = {"image_size": 8, "channels": 1, "resize_mode": "resize"}
-    memory = ImageDataModule("digits", **options)
+    gray8 = ImageFormat(image_size=8, channels=1, resize_mode="resize")
+    memory = ImageDataModule(Digits(), gray8)
     memory.setup(None)
     for storage in ("raw", "jpeg"):
-        convert_source("digits", str(tmp_path / storage), storage=storage, **options)
-        streamed = ImageDataModule("streaming", root=str(tmp_path / storage), **options)
+        convert_source(Digits(), str(tmp_path / storage), gray8, storage=storage)
+        streamed = ImageDataModule(Streaming(str(tmp_path / storage)), gray8)
         streamed.setup(None)
         assert streamed.class_names == memory.class_names
         for split in ("train_set", "val_set", "test_set"):
@@ -148,9 +148,9 @@ def test_an_array_source_converts_with_its_test_split(tmp_path: Path) -> None:
 
 def test_streaming_overlay_trains_through_the_command_line(converted: Path, tmp_path: Path) -> None:
     cli = run_cli("fit", DDPM_FASHION, "--config", str(REPO / "overlays" / "streaming.yaml"),
-                  f"--data.init_args.root={converted}", "--data.init_args.num_workers=0", "--data.init_args.batch_size=4",
-                  "--trainer.fast_dev_run=true", root=tmp_path)
-    assert cli.datamodule.hparams.source == "streaming" and cli.datamodule.class_names == ["cat", "dog"]
+                  f"--data.init_args.source.url_or_dir={converted}", "--data.init_args.num_workers=0",
+                  "--data.init_args.batch_size=4", "--trainer.fast_dev_run=true", root=tmp_path)
+    assert isinstance(cli.datamodule.source, Streaming) and cli.datamodule.class_names == ["cat", "dog"]
     assert cli.trainer.global_step == 1 and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
 
 
@@ -168,7 +168,7 @@ def _stream_one_epoch(rank: int, world_size: int, port: int, root: str, out: str
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        dm = ImageDataModule("streaming", root=root, batch_size=4, **FORMAT)
+        dm = ImageDataModule(Streaming(root), FORMAT, batch_size=4)
         dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank, training=True)
         dm.setup("fit")
         seen = [key for batch in dm.train_dataloader() for key in fingerprint(batch["image"])]
@@ -184,7 +184,7 @@ def test_two_gloo_processes_stream_disjoint_halves_of_an_epoch(converted: Path, 
     (rank0, whole0), (rank1, whole1) = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert len(rank0) == len(rank1) == 24
     assert not set(rank0) & set(rank1)
-    single = ImageDataModule("streaming", root=str(converted), batch_size=4, **FORMAT)
+    single = ImageDataModule(Streaming(str(converted)), FORMAT, batch_size=4)
     single.setup("fit")
     everything = [key for batch in single.train_dataloader() for key in fingerprint(batch["image"])]
     assert sorted(rank0 + rank1) == sorted(everything) and len(everything) == 48
@@ -215,7 +215,7 @@ class Recorder(L.LightningModule):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_mid_epoch_continues_with_the_next_unseen_batch(converted: Path, tmp_path: Path, workers: int) -> None:
     def data() -> ImageDataModule:
-        return ImageDataModule("streaming", root=str(converted), batch_size=4, num_workers=workers, **FORMAT)
+        return ImageDataModule(Streaming(str(converted)), FORMAT, batch_size=4, num_workers=workers)
 
     dm = data()
     full = Recorder()
@@ -236,8 +236,9 @@ def test_killed_run_resumes_with_the_next_unseen_batch(converted: Path, tmp_path
     callbacks = write_callbacks_config(tmp_path / "callbacks.yaml", every_n_steps=5)
     # ``python -m diffusion_pl fit`` of a tiny net on the converted data, the probe recording every step.
     fit = ["fit", "--config", DDPM_FASHION, "--config", str(callbacks), *TINY_OVERRIDES,
-           "--data.init_args.source=streaming", f"--data.init_args.root={converted}", "--data.init_args.image_size=8",
-           "--data.init_args.channels=3", "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0"]
+           "--data.init_args.source=diffusion_pl.data.Streaming", f"--data.init_args.source.url_or_dir={converted}",
+           "--data.init_args.image_format.image_size=8", "--data.init_args.image_format.channels=3",
+           "--data.init_args.batch_size=4", "--trainer.limit_val_batches=0"]
     killed = start_cli_process(*fit, f"--trainer.default_root_dir={tmp_path / 'killed'}", "--trainer.max_steps=10000",
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 300
@@ -250,7 +251,7 @@ def test_killed_run_resumes_with_the_next_unseen_batch(converted: Path, tmp_path
     cli_process(*fit, f"--trainer.default_root_dir={tmp_path / 'resumed'}", "--trainer.max_steps=20",
                 f"--ckpt_path={ckpt}", timeout=300)
 
-    uninterrupted = ImageDataModule("streaming", root=str(converted), batch_size=4, **FORMAT)  # seed 0, as the CLI
+    uninterrupted = ImageDataModule(Streaming(str(converted)), FORMAT, batch_size=4)  # seed 0, as the CLI
     uninterrupted.setup("fit")
     loader = uninterrupted.train_dataloader()
     sums = [float(batch["image"].sum()) for _ in range(2) for batch in loader]  # 2 epochs of 12 batches
@@ -265,14 +266,12 @@ def test_killed_run_resumes_with_the_next_unseen_batch(converted: Path, tmp_path
 def test_a_directory_that_is_not_converted_is_a_clear_error(folder: Path, tmp_path: Path) -> None:
     for root in (folder, tmp_path / "absent"):
         with pytest.raises(NotOptimizedError, match="tools/convert_dataset.py") as error:
-            ImageDataModule("streaming", root=str(root), **FORMAT).setup("fit")
+            ImageDataModule(Streaming(str(root)), FORMAT).setup("fit")
         assert isinstance(error.value, UserError) and str(root) in str(error.value)
-    with pytest.raises(ValueError, match="data.root"):
-        ImageDataModule("streaming")
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(UserError, match="not empty"):
-        convert_source("image_folder", str(tmp_path / "out"), root=str(folder), **FORMAT)
+        convert_source(ImageFolder(str(folder)), str(tmp_path / "out"), FORMAT)
 
 
 # ------------------------------------------------------------------------------------------------ damaged chunks
@@ -282,8 +281,7 @@ def test_a_directory_that_is_not_converted_is_a_clear_error(folder: Path, tmp_pa
 def chunked(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The folder in raw uint8 chunks of 2 kB (six train chunks): changed bytes still decode, to changed images."""
     output = tmp_path_factory.mktemp("chunked") / "raw"
-    convert_source("image_folder", str(output), root=str(folder), storage="raw", chunk_bytes="2kB", val_fraction=0.04,
-                   **FORMAT)
+    convert_source(ImageFolder(str(folder)), str(output), FORMAT, storage="raw", chunk_bytes="2kB", val_fraction=0.04)
     return output
 
 
@@ -304,7 +302,7 @@ def damaged_copy(chunked: Path, root: Path, damage: str) -> Path:
 
 
 def read_split(root: Path) -> list[dict]:
-    dataset = StreamingImageDataset(str(root), "train", **FORMAT)
+    dataset = StreamingImageDataset(str(root), "train", FORMAT)
     return [dataset[i] for i in range(len(dataset))]
 
 
@@ -334,9 +332,9 @@ def test_a_damaged_truncated_or_missing_chunk_is_a_data_error_naming_it(chunked:
 
 
 def test_each_chunk_is_checked_once_per_process(chunked: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    hashed, sha256 = [], streaming.file_sha256
-    monkeypatch.setattr(streaming, "file_sha256", lambda path: hashed.append(path) or sha256(path))
-    dataset = StreamingImageDataset(str(chunked), "train", **FORMAT)
+    hashed, sha256 = [], streaming_dataset.file_sha256
+    monkeypatch.setattr(streaming_dataset, "file_sha256", lambda path: hashed.append(path) or sha256(path))
+    dataset = StreamingImageDataset(str(chunked), "train", FORMAT)
     for _ in range(2):
         for i in range(len(dataset)):
             dataset[i]
@@ -348,13 +346,13 @@ def test_a_dataset_converted_before_checksums_streams_with_one_warning(chunked: 
     shutil.copytree(chunked, tmp_path / "old")
     for split in ("train", "val"):
         (tmp_path / "old" / split / CHECKSUM_FILE).unlink()
-    streaming._warn_unchecked.cache_clear()
-    with caplog.at_level(logging.WARNING, logger="diffusion_pl.data.streaming"):
-        old = ImageDataModule("streaming", root=str(tmp_path / "old"), val_fraction=0.04, **FORMAT)
+    streaming_metadata.warn_unchecked.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="diffusion_pl.data.streaming.metadata"):
+        old = ImageDataModule(Streaming(str(tmp_path / "old")), FORMAT, val_fraction=0.04)
         old.setup("fit")  # the train and val splits
     warnings = [r.getMessage() for r in caplog.records if CHECKSUM_FILE in r.getMessage()]
     assert len(warnings) == 1 and "converted before checksums" in warnings[0]
-    assert items(old.train_set) == items(StreamingImageDataset(str(chunked), "train", **FORMAT))
+    assert items(old.train_set) == items(StreamingImageDataset(str(chunked), "train", FORMAT))
     (tmp_path / "old" / "train" / "chunk-0-1.bin").unlink()
     with pytest.raises(DataError, match="chunk-0-1.bin is missing"):  # sizes come from LitData's index
         read_split(tmp_path / "old")

@@ -12,8 +12,8 @@ from helpers import DDPM_FASHION, REPO, last_checkpoint, predict_samples, run_tr
 
 from diffusion_pl.callbacks import EMA
 from diffusion_pl.core.errors import ConfigError
-from diffusion_pl.data.datamodule import PredictImageDataset
-from diffusion_pl.data.sources import ImageData
+from diffusion_pl.data import ImageData
+from diffusion_pl.data.predict import PredictImageDataset
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.pipelines import Inpaint
 
@@ -24,7 +24,7 @@ REPAINT = ["method=repaint", "steps=4", "jump_length=2", "resample=2", "box=4"]
 # 3 steps without the EMA (so that the checkpoint's weights have moved from their initialisation), no validation.
 FIT = ["--trainer.max_steps=3", "--trainer.limit_val_batches=0"]
 # ``predict`` with the inpaint overlay (overlays=[INPAINT]) on 4 test images (RePaint, a 4x4 centre box).
-PREDICT = ["--data.init_args.predict_num_samples=4", "--data.init_args.predict_batch_size=2",
+PREDICT = ["--data.init_args.predict.num=4", "--data.init_args.predict.batch_size=2",
            *(f"--model.init_args.predict_task.{option}" for option in REPAINT)]
 
 
@@ -45,7 +45,7 @@ def test_predict_images_carry_the_prompts_cycled() -> None:
 
 def test_text_inpainting_through_the_cli_keeps_known_pixels_and_records_prompts(tmp_path: Path,
                                                                                  text_checkpoint: Path) -> None:
-    out = predict_samples(TEXT_CFG, *PREDICT, f"--data.init_args.predict_prompts={PROMPTS}", root=tmp_path,
+    out = predict_samples(TEXT_CFG, *PREDICT, f"--data.init_args.predict.prompts={PROMPTS}", root=tmp_path,
                           overlays=[INPAINT], ckpt_path=text_checkpoint, grid=True)
     samples, inputs, known = out["samples"], out["inputs"], out["masks"].astype(bool)
     assert samples.shape == inputs.shape == (4, 8, 8, 1) and known.sum() == 4 * (64 - 16)
@@ -75,7 +75,7 @@ def test_the_prompt_reaches_the_denoiser(text_checkpoint: Path) -> None:
     assert torch.equal(first["samples"][known], other["samples"][known])
     assert not torch.equal(first["samples"][~known], other["samples"][~known])  # another prompt, another fill
     assert first["prompt"] == [PROMPTS[0]] * 2
-    with pytest.raises(ConfigError, match="predict_prompts"):  # a text model without a prompt says how to give one
+    with pytest.raises(ConfigError, match="predict.prompts"):  # a text model without a prompt says how to give one
         task(model, batch, torch.Generator().manual_seed(0))
 
 
@@ -87,7 +87,7 @@ def test_clip_guided_inpainting_follows_the_prompt_and_keeps_known_pixels(tmp_pa
                 f"{{model: '{tiny_clip_encoder}', scale: 50.0, view: x0}}}}]")
     unguided = predict_samples(DDPM_FASHION, *PREDICT, root=tmp_path / "unguided", overlays=[INPAINT], ckpt_path=ckpt,
                                grid=True)
-    guided = predict_samples(DDPM_FASHION, *PREDICT, guidance, f"--data.init_args.predict_prompts={PROMPTS}",
+    guided = predict_samples(DDPM_FASHION, *PREDICT, guidance, f"--data.init_args.predict.prompts={PROMPTS}",
                              root=tmp_path / "guided", overlays=[INPAINT], ckpt_path=ckpt, grid=True)
     known = guided["masks"].astype(bool)
     assert np.array_equal(guided["samples"][known], guided["inputs"][known])

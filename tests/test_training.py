@@ -101,8 +101,8 @@ def test_predict_writes_grid_and_npz_reproducibly(tmp_path: Path) -> None:
     outputs = []
     for name, batch_size in (("a", 3), ("b", 5)):
         out = tmp_path / name
-        run_trainer("predict", DDPM_FASHION, "--data.init_args.predict_num_samples=7",
-                    f"--data.init_args.predict_batch_size={batch_size}", "--model.init_args.sampler=DDIM",
+        run_trainer("predict", DDPM_FASHION, "--data.init_args.predict.num=7",
+                    f"--data.init_args.predict.batch_size={batch_size}", "--model.init_args.sampler=DDIM",
                     "--model.init_args.sampler.steps=10", "--model.init_args.sampler.eta=0.0",
                     root=tmp_path / "predict", ckpt_path=ckpt, settings={SampleWriter: {"output_dir": str(out)}})
         samples = np.load(out / "samples.npz")["samples"]

@@ -136,7 +136,7 @@ def test_tensorboard_hparams_show_the_run_defining_parts_and_metrics(tmp_path: P
     assert values["guidance/0"] == "ClassifierFree" and values["guidance/0/scale"] == 3.0
     assert values["conditioner/dropout"] == pytest.approx(0.1) and values["lr_scheduler/warmup_steps"] == 100
     assert values["base_lr"] == pytest.approx(1e-3) and values["effective_batch_size"] == 128
-    assert values["ema_decay"] == pytest.approx(0.995) and values["data/source"] == "digits"
+    assert values["ema_decay"] == pytest.approx(0.995) and values["data/source"] == "Digits"
     scalars = EventAccumulator(str(cli.trainer.log_dir))
     scalars.Reload()
     assert "val/loss" in scalars.Tags()["scalars"] and "hp_metric" not in scalars.Tags()["scalars"]

@@ -26,7 +26,7 @@ def predict_seconds(config: str, ckpt_path: str, sampler: str, steps: str | None
                     output_dir: Path, extra: list[str]) -> float:
     """Wall-clock seconds of `predict` for ``num_images`` images with ``sampler`` (``steps`` or its default)."""
     args = ["--config", config, f"--model.init_args.sampler=diffusion_pl.samplers.{sampler}",
-            f"--data.init_args.predict_num_samples={num_images}", "--trainer.enable_progress_bar=false",
+            f"--data.init_args.predict.num={num_images}", "--trainer.enable_progress_bar=false",
             f"--trainer.default_root_dir={output_dir}", *extra]
     if steps is not None:
         args.append(f"--model.init_args.sampler.init_args.steps={steps}")
@@ -51,7 +51,7 @@ def main() -> None:
     for spec in args.sampler:
         name, _, steps = spec.partition(":")
         out = root / spec.replace(":", "_")
-        batch = [f"--data.init_args.predict_batch_size={args.num_images}", *overrides]
+        batch = [f"--data.init_args.predict.batch_size={args.num_images}", *overrides]
         predict_seconds(args.config, args.ckpt_path, name, steps or None, 2, out / "warmup", batch)
         seconds = predict_seconds(args.config, args.ckpt_path, name, steps or None, args.num_images, out, batch)
         rows.append(f"| {spec} | {args.num_images} | {seconds:.1f} | {seconds / args.num_images:.3f} | {out}/grid.png |")

@@ -40,7 +40,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from diffusion_pl.callbacks import EMA
 from diffusion_pl.callbacks.speed import TrainingSpeed
 from diffusion_pl.cli import DiffusionCLI, build_cli
-from diffusion_pl.data import ImageDataModule
+from diffusion_pl.core.spec import build as build_spec
+from diffusion_pl.core.spec import spec_of
+from diffusion_pl.data import ImageDataModule, ImageFolder, ImageFormat, Streaming
 from diffusion_pl.models import DiffusionModule
 
 #: bf16 dense peak FLOP/s by GPU name (substring match, first hit), for model FLOP utilisation.
@@ -207,10 +209,11 @@ def flops_per_image(config: str, overrides: list[str], root: Path) -> float:
 
 
 def time_data(data_args: dict[str, Any], batches: int) -> dict[str, Any]:
-    """The data pipeline alone (in a fresh process): setup + first batch, then ``batches`` batches."""
+    """The data pipeline alone (in a fresh process): setup + first batch, then ``batches`` batches. ``data_args``:
+    the data module's hyperparameters (its parts as specs)."""
     before = rss_mb()
     start = time.perf_counter()
-    dm = ImageDataModule(**data_args)
+    dm = ImageDataModule(**{**build_spec(data_args), "image_format": ImageFormat(**data_args["image_format"])})
     dm.setup("fit")
     iterator = iter(dm.train_dataloader())
     next(iterator)
@@ -227,15 +230,15 @@ def time_data(data_args: dict[str, Any], batches: int) -> dict[str, Any]:
 
 def data_sources(args: argparse.Namespace, data_args: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Data arguments of each source to time: the config's own, or an image folder in memory and lazily decoded;
-    and a converted dataset streamed."""
+    and a converted dataset streamed (the config's image format, batching and workers)."""
     sources = {}
     if args.image_folder:
-        folder = {**data_args, "source": "image_folder", "root": args.image_folder}
-        sources["in_memory"], sources["lazy_folder"] = folder, {**folder, "lazy_decode": True}
+        sources["in_memory"] = {**data_args, "source": spec_of(ImageFolder(args.image_folder))}
+        sources["lazy_folder"] = {**data_args, "source": spec_of(ImageFolder(args.image_folder, lazy=True))}
     else:
         sources["in_memory"] = data_args
     if args.streaming:
-        sources["streaming"] = {**data_args, "source": "streaming", "root": args.streaming, "lazy_decode": False}
+        sources["streaming"] = {**data_args, "source": spec_of(Streaming(args.streaming))}
     return sources
 
 

@@ -31,6 +31,7 @@ from diffusion_pl.conditioning import set_sampling_level
 from diffusion_pl.core.report import MarkdownReport
 from diffusion_pl.core.resize import downsample, upsample
 from diffusion_pl.core.tensors import from_uint8, quantized, to_uint8
+from diffusion_pl.data import ImageFormat
 from diffusion_pl.metrics import (
     ClassifierFeatures,
     RealData,
@@ -74,12 +75,13 @@ def main() -> None:
     parser.add_argument("--level", type=float, default=None,
                         help="the cascade's sampling level (default: the first --sr stage's own)")
     parser.add_argument("--out", default="runs/cascade_report")
-    parser.add_argument("--source", default="fashion_mnist", help="data source of the real images")
+    parser.add_argument("--source", default="FashionMNIST", help="a data source part: a class path (FashionMNIST, diffusion_pl.data.Torchvision) or a YAML spec")
     args = parser.parse_args()
     out = Path(args.out)
     extractor = ClassifierFeatures(args.classifier)
-    judge = domain_reference(extractor, RealData(args.source, "test"))
-    test = RealData(args.source, "test", image_size=extractor.net.image_size, channels=extractor.net.in_channels).load()
+    real = RealData.from_text(args.source, ImageFormat())
+    judge = domain_reference(extractor, real)
+    test = real.at_size(extractor.net.image_size, extractor.net.in_channels).load()
     srs = {path: load(path, DDPM(steps=args.sr_steps)) for path in args.sr}
     own_levels = {path: model.conditioner.sampling_level for path, model in srs.items()}
     lines = MarkdownReport(out / "report.md", sys.stdout)

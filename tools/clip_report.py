@@ -28,8 +28,9 @@ from torch import Tensor
 from diffusion_pl.callbacks.images import save_png, uint8_grid
 from diffusion_pl.cli.errors import user_errors_exit
 from diffusion_pl.core.tensors import from_uint8
+from diffusion_pl.data import ImageFormat
 from diffusion_pl.data.image_files import read_image_files
-from diffusion_pl.data.sources import load_split
+from diffusion_pl.metrics import RealData
 from diffusion_pl.metrics.clip_score import clip_score
 from diffusion_pl.metrics.features import model_range
 from diffusion_pl.nets.clip import CLASS_NAMES_KEY, CLIPNet, read_clip
@@ -64,7 +65,7 @@ def zero_shot(net: CLIPNet, prompts: list[str], images: Tensor, labels: Tensor, 
 def run_zero_shot(args: argparse.Namespace) -> list[str]:
     process = DiscreteProcess(1000, "cosine")
     steps = [int(s) for s in args.steps.split(",")]
-    data = load_split(args.source, args.split, image_size=32, channels=1, resize_mode="pad")
+    data = RealData.from_text(f"{args.source}:{args.split}", ImageFormat(32, 1, "pad")).load()
     images, labels = from_uint8(data.images), data.labels
     fractions = [0.0 if s == 0 else float(process.sigma(torch.tensor([s])) ** 2) for s in steps]
     rows = ["| CLIP | " + " | ".join(f"t={s} ({f:.2f})" for s, f in zip(steps, fractions)) + " |",
@@ -85,7 +86,7 @@ def run_samples(args: argparse.Namespace) -> list[str]:
     rows = ["| samples | N | CLIP score (cos) | evaluator zero-shot on prompted class |", "|---|---|---|---|"]
     for path in args.npz:
         files = read_image_files(path, "samples")
-        # An unguided run writes no prompts: score it against the class prompts cycled, as predict_prompts were.
+        # An unguided run writes no prompts: score it against the class prompts cycled, as the predict prompts were.
         sample_prompts = (list(files.prompts) if files.prompts is not None
                           else [prompts[i % len(prompts)] for i in range(len(files.images))])
         targets = torch.tensor([prompts.index(p) for p in sample_prompts])
@@ -103,7 +104,7 @@ def main() -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     zs = commands.add_parser("zero-shot", help="zero-shot accuracy, clean and on x_t")
     zs.add_argument("--steps", default="0,100,300,500,700,900", help="diffusion steps t (0: clean images)")
-    zs.add_argument("--source", default="fashion_mnist")
+    zs.add_argument("--source", default="FashionMNIST", help="a data source part: a class path (FashionMNIST, diffusion_pl.data.Torchvision) or a YAML spec")
     zs.add_argument("--split", default="test", choices=("train", "test"))
     zs.add_argument("clip", nargs="+", help="CLIPModule checkpoints")
     sp = commands.add_parser("samples", help="CLIP score of prompted samples under an evaluator CLIP")

@@ -10,7 +10,7 @@ if ! [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist
   else
     echo "Fashion-MNIST system copy missing: run 'sudo apt-get install dataset-fashion-mnist'," \
-         "or pass --data.init_args.root=DIR (idx .gz files), or let torchvision download it." >&2
+         "or pass --data.init_args.source.root=DIR (idx .gz files), or let torchvision download it." >&2
   fi
 fi
 

@@ -2,7 +2,7 @@
 
     python3 tools/interpolation_noise.py --model DEMO.ckpt --classifier CLEAN_CLASSIFIER.ckpt [--pairs 250] [--t 0.5]
 
-For --pairs pairs of test images of different classes (--source, default fashion_mnist, at the classifier's size), the lambda = 1/2 midpoint is made by noising
+For --pairs pairs of test images of different classes (--source, default FashionMNIST, at the classifier's size), the lambda = 1/2 midpoint is made by noising
 both images to level t, mixing and denoising from t with the model's sampler (diffusion_pl.pipelines.interpolate):
 once with the same eps for both (the framework's way: the mixed noise keeps unit variance), once with independent
 eps (public code's bug: sqrt(1/4 + 1/4) = 0.71 of the noise is left, so the sampler starts from too clean an image
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from diffusion_pl.callbacks.images import save_png, uint8_grid
 from diffusion_pl.core.tensors import from_uint8, quantized, to_uint8
+from diffusion_pl.data import ImageFormat
 from diffusion_pl.metrics import ClassifierFeatures, RealData, domain_reference
 from diffusion_pl.models import DiffusionModule
 from diffusion_pl.pipelines import run_sampler, start_grid
@@ -56,12 +57,13 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=250)
     parser.add_argument("--t", type=float, default=0.5)
     parser.add_argument("--out", default="runs/interpolation_noise")
-    parser.add_argument("--source", default="fashion_mnist", help="data source of the image pairs and the reference")
+    parser.add_argument("--source", default="FashionMNIST", help="the data source part of the image pairs and the reference (class path or YAML spec)")
     args = parser.parse_args()
     model = DiffusionModule.load_from_checkpoint(args.model, map_location="cpu").eval()
     extractor = ClassifierFeatures(args.classifier)
-    judge = domain_reference(extractor, RealData(args.source, "test"))
-    test = RealData(args.source, "test", image_size=extractor.net.image_size, channels=extractor.net.in_channels).load()
+    real = RealData.from_text(args.source, ImageFormat())
+    judge = domain_reference(extractor, real)
+    test = real.at_size(extractor.net.image_size, extractor.net.in_channels).load()
     images = from_uint8(test.images)
     first = torch.arange(0, 2 * args.pairs, 2)
     second = first + 1

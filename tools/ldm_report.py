@@ -28,6 +28,7 @@ from diffusion_pl.callbacks.images import save_png, uint8_grid
 from diffusion_pl.conditioning import ClassLabel, Text
 from diffusion_pl.core.report import MarkdownReport
 from diffusion_pl.core.tensors import from_uint8, quantized, to_uint8
+from diffusion_pl.data import ImageFormat
 from diffusion_pl.metrics import (
     ClassifierFeatures,
     RealData,
@@ -82,19 +83,20 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--out", default="runs/ldm_report")
-    parser.add_argument("--source", default="fashion_mnist", help="data source of the real images")
+    parser.add_argument("--source", default="FashionMNIST", help="a data source part: a class path (FashionMNIST, diffusion_pl.data.Torchvision) or a YAML spec")
     args = parser.parse_args()
     out = Path(args.out)
     lines = MarkdownReport(out / "report.md", sys.stdout)
     extractor = ClassifierFeatures(args.classifier)
-    test = RealData(args.source, "test", image_size=extractor.net.image_size, channels=extractor.net.in_channels).load()
+    real = RealData.from_text(args.source, ImageFormat())
+    test = real.at_size(extractor.net.image_size, extractor.net.in_channels).load()
     real = from_uint8(test.images)
     models = {name: DiffusionModule.load_from_checkpoint(path, map_location="cpu", sampler=DDIM(steps=args.steps)).eval()
               for name, path in args.model}
     if args.autoencoder:
         lines.extend(autoencoder_rows(args.autoencoder, real, models))
 
-    judge = domain_reference(extractor, RealData(args.source, "test"))
+    judge = domain_reference(extractor, real)
     lines.extend(["", f"## 2. Samples ({args.num} per model, DDIM-{args.steps})", "",
                   "| model | domain FID | on target (clean classifier) | sampling s/image |", "|---|---|---|---|"])
     for name, model in models.items():

@@ -1,6 +1,6 @@
 """Scores of inpainting and interpolation outputs of `diffusion-pl predict` (overlays/inpaint.yaml, interpolate.yaml).
 
-    python3 tools/pipeline_report.py --classifier CLEAN_CLASSIFIER.ckpt --fid-source fashion_mnist \
+    python3 tools/pipeline_report.py --classifier CLEAN_CLASSIFIER.ckpt --fid-source FashionMNIST \
         inpaint runs/.../predictions/samples.npz [more.npz ...]
     python3 tools/pipeline_report.py --classifier CLEAN_CLASSIFIER.ckpt interpolate runs/.../samples.npz [...]
 
@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.cli.errors import user_errors_exit
+from diffusion_pl.data import ImageFormat
 from diffusion_pl.metrics import (
     ClassifierFeatures,
     RealData,
@@ -56,7 +57,7 @@ def inpaint_rows(extractor: ClassifierFeatures, paths: list[str], data: RealData
                     f"{on_target(extractor.net, inputs, labels).share:.4f} | {fid} | "
                     f"{float(seams.mean() / real_seams.mean()):.3f} |")
     if judge is not None and data is not None:
-        rows.append(f"| real {data.source} images (floor) | {num} | | | {judge.floor(num):.4g} | 1 |")
+        rows.append(f"| real {type(data.source).__name__} images (floor) | {num} | | | {judge.floor(num):.4g} | 1 |")
     return rows
 
 
@@ -80,14 +81,15 @@ def interpolate_rows(extractor: ClassifierFeatures, paths: list[str]) -> list[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--classifier", required=True, help="a ClassifierModule checkpoint (clean classifier)")
-    parser.add_argument("--fid-source", default=None, help="data source of the real images (e.g. fashion_mnist)")
+    parser.add_argument("--fid-source", default=None, help="data source part of the real images (e.g. FashionMNIST, or a YAML spec)")
     parser.add_argument("--fid-split", choices=("train", "test"), default="test")
     parser.add_argument("--resize-mode", choices=("pad", "resize"), default="pad")
     parser.add_argument("kind", choices=("inpaint", "interpolate"))
     parser.add_argument("npz", nargs="+")
     args = parser.parse_args()
     extractor = ClassifierFeatures(args.classifier)
-    data = RealData(args.fid_source, args.fid_split, resize_mode=args.resize_mode) if args.fid_source else None
+    data = (RealData.from_text(f"{args.fid_source}:{args.fid_split}", ImageFormat(resize_mode=args.resize_mode))
+            if args.fid_source else None)
     rows = inpaint_rows(extractor, args.npz, data) if args.kind == "inpaint" else interpolate_rows(extractor, args.npz)
     sys.stdout.write("\n".join(rows) + "\n")
 

@@ -7,10 +7,10 @@ to the real images of that class (the checks of guided sampling).
 
 Each .npz is what guided `diffusion-pl predict` writes (keys ``samples``, uint8 N x H x W x C, and ``labels``);
 for an unguided .npz give ``--labels 3`` or ``--labels 0,1,2`` (the classes the samples are scored against,
-cycled like predict_labels).
+cycled like the predict labels of ``Seeds``).
 Prints one Markdown row per file: overall accuracy and the accuracy per target class.
 
-With ``--fid-source fashion_mnist`` the rows also give the FID per target class: the samples aimed at class c
+With ``--fid-source FashionMNIST`` the rows also give the FID per target class: the samples aimed at class c
 against all real ``--fid-split`` images of class c, in the classifier's penultimate features (the domain FID of
 overlays/fid_fashion_mnist.yaml). Accurate samples with a per-class FID near the floor are on target and as
 varied as the class; samples collapsed onto a few prototypes get a high FID. A last row gives that floor: as many
@@ -26,8 +26,8 @@ from pathlib import Path
 from torch import Tensor
 
 from diffusion_pl.cli.errors import user_errors_exit
+from diffusion_pl.data import ImageData, ImageFormat
 from diffusion_pl.data.image_files import read_image_files
-from diffusion_pl.data.sources import ImageData
 from diffusion_pl.metrics import ClassifierFeatures, RealData, RealReference, on_target
 from diffusion_pl.metrics.on_target import target_labels
 
@@ -55,7 +55,7 @@ def main() -> None:
     parser.add_argument("--labels", type=lambda text: [int(v) for v in text.split(",")], default=None,
                         help="comma-separated target classes, cycled, for files without a 'labels' array")
     parser.add_argument("--fid-source", default=None,
-                        help="data source of the real images for the per-class FID (e.g. fashion_mnist)")
+                        help="data source part of the real images for the per-class FID (e.g. FashionMNIST)")
     parser.add_argument("--fid-split", choices=("train", "test"), default="test",
                         help="split of the real images the samples are compared with (the floor uses the other)")
     parser.add_argument("--resize-mode", choices=("pad", "resize"), default="pad",
@@ -66,7 +66,8 @@ def main() -> None:
     net = extractor.net
     references = None
     if args.fid_source:
-        data = RealData(args.fid_source, args.fid_split, None, net.image_size, net.in_channels, args.resize_mode)
+        data = RealData.from_text(f"{args.fid_source}:{args.fid_split}",
+                                  ImageFormat(net.image_size, net.in_channels, args.resize_mode))
         references = class_references(extractor, data.load(), data.other_split().load())
     header = "| samples | N | accuracy | per class |" + (" FID per class |" if references else "")
     rows = [header, "|---" * (header.count("|") - 1) + "|"]

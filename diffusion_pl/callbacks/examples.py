@@ -7,7 +7,7 @@ from typing import Any
 import lightning.pytorch as pl
 from torch import Tensor
 
-from diffusion_pl.data.datamodule import ImageDataModule
+from diffusion_pl.data import ImageDataModule
 
 
 def real_examples(trainer: pl.Trainer, num_images: int) -> Tensor | None:

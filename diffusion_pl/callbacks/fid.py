@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader
 from diffusion_pl.callbacks.ema import averaged_module
 from diffusion_pl.callbacks.examples import real_examples
 from diffusion_pl.core.seeds import derived_seed
-from diffusion_pl.data.datamodule import ImageDataModule, ImageDataset
-from diffusion_pl.data.sources import ImageData
+from diffusion_pl.core.spec import describe
+from diffusion_pl.data import ImageDataModule, ImageDataset, Images
 from diffusion_pl.metrics.extractor import FeatureExtractor, Features
 from diffusion_pl.metrics.generative import GenerativeMetrics, empty_features
 from diffusion_pl.metrics.reference import (
@@ -265,11 +265,8 @@ class FID(pl.Callback):
     def _reference_key(self, datamodule: ImageDataModule) -> dict[str, Any]:
         """Everything the reference statistics depend on."""
         assert self.extractor is not None
-        hp = datamodule.hparams
-        return {"source": hp.source, "root": None if hp.root is None else str(Path(hp.root).resolve()),
-                "split": self.reference_split, "image_size": hp.image_size, "channels": hp.channels,
-                "resize_mode": hp.resize_mode, "downsample": hp.downsample, "downsample_mode": hp.downsample_mode,
-                "reference_size": self.reference_size,
+        return {"source": datamodule.source.identity(), "split": self.reference_split,
+                "image_format": asdict(datamodule.image_format), "reference_size": self.reference_size,
                 "kid_reference_size": self.kid_reference_size, "extractor": self.extractor.name,
                 "extractor_fingerprint": self.extractor.fingerprint()}
 
@@ -286,20 +283,18 @@ class FID(pl.Callback):
 
         return cached_reference(self.cache_dir, self.reference_key, compute)
 
-    def _reference_data(self, datamodule: ImageDataModule) -> ImageData:
+    def _reference_data(self, datamodule: ImageDataModule) -> Images:
         """The real split (or its fixed random subset of ``reference_size`` images) at the datamodule's format."""
-        hp = datamodule.hparams
         data = datamodule.load(self.reference_split)
         if data is None:
-            raise ValueError(f"{hp.source} at {hp.root} has no {self.reference_split!r} split: set the FID "
-                             "callback's reference_split='train'")
+            raise ValueError(f"{describe(datamodule.source.identity())} has no {self.reference_split!r} split: set the "
+                             "FID callback's reference_split='train'")
         if self.reference_size is not None and self.reference_size < len(data):
             order = torch.randperm(len(data), generator=torch.Generator().manual_seed(_REFERENCE_SEED))
-            index = order[: self.reference_size].sort().values
-            data = ImageData(data.images[index], data.labels[index], data.class_names)
+            data = data.subset(order[: self.reference_size].sort().values)
         return data
 
-    def _real_batches(self, data: ImageData, device: torch.device) -> Iterator[Tensor]:
+    def _real_batches(self, data: Images, device: torch.device) -> Iterator[Tensor]:
         """Real images in [-1, 1] (the datamodule's own conversion), in order. The loader's own generator keeps
         the global RNG untouched."""
         loader = DataLoader(ImageDataset(data), batch_size=self.batch_size, shuffle=False,

@@ -1,7 +1,7 @@
 """The ``diffusion-pl-eval`` command: score samples (``samples.npz`` from ``diffusion-pl predict``, or a folder of
 images) against real images, print a table and write the scores as JSON.
 
-    diffusion-pl-eval runs/.../predictions/samples.npz --reference fashion_mnist:test \\
+    diffusion-pl-eval runs/.../predictions/samples.npz --reference FashionMNIST:test \\
         --domain CLASSIFIER.ckpt --floor --kid --precision-recall --on-target CLASSIFIER.ckpt
     diffusion-pl-eval samples.npz --reference cifar10:train --inception --inception-weights pt_inception.pth \\
         --inception-score --save-reference cifar10_train.npz      # later: --reference cifar10_train.npz
@@ -43,8 +43,9 @@ def parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("samples", help="samples.npz (samples uint8 N x H x W x C, labels, prompts) or a folder of images")
     real = p.add_argument_group("real images")
-    real.add_argument("--reference", help="SOURCE[:SPLIT] (default split test), an image folder, or a statistics .npz")
-    real.add_argument("--root", help="folder of the reference source, where it needs one")
+    real.add_argument("--reference", help="SOURCE[:SPLIT]: a data source part (FashionMNIST, "
+                      "diffusion_pl.data.FashionMNIST:train, or a YAML spec with init_args; default split test), an "
+                      "image folder, or a statistics .npz")
     real.add_argument("--resize-mode", choices=("pad", "resize"), default="pad",
                       help="how real images are brought to the samples' size, as in the data config")
     real.add_argument("--held-out", help="real images for --floor, as --reference (default: its other split)")

@@ -40,6 +40,7 @@ from diffusion_pl.callbacks import (
 )
 from diffusion_pl.callbacks.preemption import TERMINATED_STATUS
 from diffusion_pl.callbacks.progress import RunProgressBar
+from diffusion_pl.cli.data_form import check_data_form
 from diffusion_pl.cli.errors import (
     DEBUG_ENV,
     DEBUG_FLAG,
@@ -59,10 +60,10 @@ WRITE_ERRNOS = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQU
 # Arguments written once, in `data`, and copied into the model and its network. A model with a first stage gets
 # its network's size from the stage's latent shape instead (DiffusionCLI.before_instantiate_classes).
 DATA_TO_MODEL_LINKS: tuple[tuple[str, str], ...] = (
-    ("data.init_args.image_size", "model.init_args.image_size"),
-    ("data.init_args.channels", "model.init_args.channels"),
-    ("data.init_args.image_size", "model.init_args.net.init_args.image_size"),
-    ("data.init_args.channels", "model.init_args.net.init_args.in_channels"),
+    ("data.init_args.image_format.image_size", "model.init_args.image_size"),
+    ("data.init_args.image_format.channels", "model.init_args.channels"),
+    ("data.init_args.image_format.image_size", "model.init_args.net.init_args.image_size"),
+    ("data.init_args.image_format.channels", "model.init_args.net.init_args.in_channels"),
 )
 
 
@@ -197,10 +198,12 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
         exit_on_error: Let the parser print its usage and exit on a parse error (else raise ``ArgumentError``).
 
     Raises:
-        ConfigError: A ``--config`` file that is not valid YAML, or a config value that a class refuses.
+        ConfigError: A ``--config`` file that is not valid YAML, old data arguments (the message shows the new
+            form), or a config value that a class refuses.
     """
     args = list(args) if args is not None else None
     check_config_files(sys.argv[1:] if args is None else args)
+    check_data_form(sys.argv[1:] if args is None else args)
     return DiffusionCLI(
         model_class=pl.LightningModule,
         datamodule_class=ImageDataModule,

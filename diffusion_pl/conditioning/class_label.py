@@ -46,7 +46,7 @@ class ClassLabel(Conditioner):
     def forward(self, batch: dict[str, Any], *, training: bool, generator: torch.Generator | None = None) -> NetKwargs:
         if "label" not in batch:
             raise KeyError("a class-conditional model needs batch['label']: give class labels (predict: "
-                           "--data.init_args.predict_labels=[...])")
+                           "--data.init_args.predict.labels=[...])")
         labels = batch["label"]
         if training and self.dropout > 0:
             drop = drop_mask(labels.shape, self.dropout, labels.device, generator)

@@ -105,7 +105,8 @@ class LowResImage(Conditioner):
             return downsample(batch["image"], self.factor, self.downsample_mode)
         raise MissingLowResError(
             "a super-resolution stage needs its low-res input: batch['low_res'] (predict: "
-            "model.init_args.predict_task=SuperResolve with data.init_args.predict_images=PATH) or batch['image'] "
+            "model.init_args.predict_task=SuperResolve with --data.init_args.predict=diffusion_pl.data.ImageFiles "
+            "--data.init_args.predict.path=PATH) or batch['image'] "
             "(high-res images, downsampled by the stage's factor)")
 
     def levels(self, n: int, device: torch.device, *, training: bool, generator: torch.Generator | None) -> Tensor:

@@ -85,7 +85,7 @@ class Text(Conditioner):
         texts = batch.get("caption", batch.get("prompt"))
         if texts is None:
             raise ConfigError("a text-conditional model needs a prompt per sample: predict "
-                              "--data.init_args.predict_prompts='[\"a photo of a sneaker\"]'")
+                              "--data.init_args.predict.prompts='[\"a photo of a sneaker\"]'")
         texts = list(texts)
         if training and self.dropout > 0:
             drop = drop_mask((len(texts),), self.dropout, self.encoder.mean.device, generator).tolist()

@@ -13,7 +13,7 @@ from PIL import Image
 from torch import Tensor
 
 from diffusion_pl.core.errors import UserError
-from diffusion_pl.data.sources import GRAY_MODES, IMAGE_EXTENSIONS
+from diffusion_pl.data.format import GRAY_MODES, IMAGE_EXTENSIONS
 
 #: Keys of an .npz that hold its images (uint8 N x H x W x C), in the order they are looked for.
 NPZ_IMAGE_KEYS = ("images", "samples")
@@ -24,7 +24,7 @@ class ImageFileError(UserError, ValueError):
 
 
 @dataclass(frozen=True)
-class ImageFiles:
+class ImageFileSet:
     """The images of a folder or an .npz at their own size and channel count.
 
     Attributes:
@@ -45,7 +45,7 @@ def _stack(arrays: list[np.ndarray], where: str, what: str) -> np.ndarray:
     return np.stack(arrays)
 
 
-def _read_folder(folder: Path, what: str) -> ImageFiles:
+def _read_folder(folder: Path, what: str) -> ImageFileSet:
     """Image files in name order; grayscale when every file is, else RGB."""
     files = sorted(path for path in folder.iterdir() if path.suffix.lower() in IMAGE_EXTENSIONS
                    and not path.name.startswith("."))
@@ -61,10 +61,10 @@ def _read_folder(folder: Path, what: str) -> ImageFiles:
         raise ImageFileError(f"cannot decode {path} ({error}): replace it or move it out of {folder}") from error
     mode = "L" if all(image.mode in GRAY_MODES for image in images) else "RGB"
     arrays = [np.asarray(image.convert(mode)).reshape(image.height, image.width, -1) for image in images]
-    return ImageFiles(torch.from_numpy(_stack(arrays, str(folder), what)).permute(0, 3, 1, 2).contiguous())
+    return ImageFileSet(torch.from_numpy(_stack(arrays, str(folder), what)).permute(0, 3, 1, 2).contiguous())
 
 
-def _read_npz(path: Path) -> ImageFiles:
+def _read_npz(path: Path) -> ImageFileSet:
     try:
         archive = np.load(path)
     except (OSError, ValueError) as error:
@@ -84,11 +84,11 @@ def _read_npz(path: Path) -> ImageFiles:
     for name, values in (("labels", labels), ("prompts", prompts)):
         if values is not None and len(values) != len(images):
             raise ImageFileError(f"{path} has {len(images)} images but {len(values)} {name}: give one per image")
-    return ImageFiles(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous(),
+    return ImageFileSet(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).contiguous(),
                       None if labels is None else torch.from_numpy(labels.astype(np.int64)), prompts)
 
 
-def read_image_files(path: str | Path, what: str = "images") -> ImageFiles:
+def read_image_files(path: str | Path, what: str = "images") -> ImageFileSet:
     """The images of a folder (image files in name order) or an .npz (``images`` or ``samples``, uint8
     N x H x W x C, optional ``labels`` and ``prompts``).
 

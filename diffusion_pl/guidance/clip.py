@@ -187,7 +187,7 @@ def check_prompts(prompts: Sequence[str], where: str) -> list[str]:
 
 
 class CLIP(Guidance):
-    """CLIP guidance towards ``batch["prompt"]`` (predict: ``--data.init_args.predict_prompts='["a photo of a
+    """CLIP guidance towards ``batch["prompt"]`` (predict: ``--data.init_args.predict.prompts='["a photo of a
     sneaker"]'``), eps' = eps - s sigma(t) grad log p(c | x_t) with log p = tau cos (:func:`clip_guidance`).
 
     Args:
@@ -272,9 +272,9 @@ class CLIP(Guidance):
     def wrap(self, denoise: ConditionalDenoiseFn, *, batch: dict[str, Any], cond: dict[str, Tensor],
              null: dict[str, Tensor], process: ForwardProcess) -> DenoiseFn:
         if "prompt" not in batch:
-            raise ConfigError("CLIP guidance needs a prompt per sample: predict --data.init_args.predict_prompts="
+            raise ConfigError("CLIP guidance needs a prompt per sample: predict --data.init_args.predict.prompts="
                               "'[\"a photo of a sneaker\"]'")
-        prompts = check_prompts(batch["prompt"], "the batch's prompts (data.init_args.predict_prompts)")
+        prompts = check_prompts(batch["prompt"], "the batch's prompts (data.init_args.predict.prompts)")
         return clip_guidance(denoise, self.net, self.text_features(prompts), process, self.scale,
                              view=self.view, cutouts=self.cutouts, tv_weight=self.tv_weight,
                              range_weight=self.range_weight)

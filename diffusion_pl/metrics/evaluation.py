@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.core.errors import InputShapeError, UserError
-from diffusion_pl.data.image_files import ImageFiles, read_image_files
-from diffusion_pl.data.sources import SOURCE_NAMES
+from diffusion_pl.data import ImageFolder, ImageFormat
+from diffusion_pl.data.image_files import ImageFileSet, read_image_files
 from diffusion_pl.metrics.clip_score import clip_score
 from diffusion_pl.metrics.domain import ClassifierFeatures
 from diffusion_pl.metrics.extractor import FeatureExtractor
@@ -45,9 +45,9 @@ class Request:
 
     Attributes:
         samples: The samples: an .npz (``samples`` or ``images``, optional ``labels``, ``prompts``) or a folder.
-        reference: Real images: a data source (``fashion_mnist`` or ``fashion_mnist:train``; default split test), an
-            image folder, or a statistics .npz (``save_reference`` of an earlier run, or pytorch-fid's mu/sigma).
-        root: The reference source's folder, where it needs one.
+        reference: Real images: a data source part (``FashionMNIST`` or ``diffusion_pl.data.FashionMNIST:train``, a
+            YAML spec with its arguments; default split test), an image folder, or a statistics .npz
+            (``save_reference`` of an earlier run, or pytorch-fid's mu/sigma).
         resize_mode: How real images are brought to the samples' size (``pad`` or ``resize``), as in the data config.
         held_out: Real images for the floor, as ``reference``; default the reference source's other split.
         save_reference: Write the reference statistics of every feature space used to this .npz.
@@ -73,7 +73,6 @@ class Request:
 
     samples: str
     reference: str | None = None
-    root: str | None = None
     resize_mode: str = "pad"
     held_out: str | None = None
     save_reference: str | None = None
@@ -130,24 +129,32 @@ def _check(request: Request) -> None:
                               "SOURCE[:SPLIT] or an image folder (the reference given is already a statistics file)")
     if spaces and request.reference is None:
         raise EvaluationError("FID needs real images to compare with: add --reference SOURCE[:SPLIT] (e.g. "
-                              "fashion_mnist:test), an image folder or a statistics .npz")
+                              "FashionMNIST:test), an image folder or a statistics .npz")
 
 
-def real_data(text: str, root: str | None, image_size: int, channels: int, resize_mode: str) -> RealData:
+def real_data(text: str, image_format: ImageFormat) -> RealData:
     """A reference or held-out argument as real data: an image folder (its test split where it has train/ and
-    test/, else all of it), or ``SOURCE[:SPLIT]`` (default split test)."""
+    test/, else all of it), or ``SOURCE[:SPLIT]`` (see :meth:`RealData.from_text`)."""
     path = Path(text).expanduser()
     if path.is_dir():
         split = "test" if (path / "train").is_dir() and (path / "test").is_dir() else "train"
-        return RealData("image_folder", split, str(path), image_size, channels, resize_mode)
-    source, _, split = text.partition(":")
-    if source not in SOURCE_NAMES or split not in ("", "train", "test"):
+        return RealData(ImageFolder(str(path)), split, image_format)
+    try:
+        return RealData.from_text(text, image_format)
+    except (ValueError, TypeError) as error:
         raise EvaluationError(f"{text!r} is neither an image folder, a statistics .npz nor SOURCE[:SPLIT] with a "
-                              f"data source ({', '.join(SOURCE_NAMES)}) and split train or test")
-    return RealData(source, split or "test", root, image_size, channels, resize_mode)
+                              f"data source part (e.g. FashionMNIST:test, or '{{class_path: diffusion_pl.data."
+                              f"Torchvision, init_args: {{name: CIFAR10}}}}:test') and split train or test: "
+                              f"{error}") from error
 
 
-def _extractors(request: Request, files: ImageFiles) -> dict[str, FeatureExtractor]:
+def _format(request: Request, files: ImageFileSet) -> ImageFormat:
+    """The real images' format: the samples' size and channels, fitted as ``request.resize_mode`` says."""
+    _, channels, height, _ = files.images.shape
+    return ImageFormat(height, channels, request.resize_mode)  # type: ignore[arg-type]
+
+
+def _extractors(request: Request, files: ImageFileSet) -> dict[str, FeatureExtractor]:
     """The feature spaces of the request, by name, on the request's device."""
     extractors: dict[str, FeatureExtractor] = {}
     if request.inception:
@@ -167,7 +174,7 @@ def _check_fits(net: EncoderClassifier, images: Tensor, path: str) -> None:
                               f"{expected}: score them with a classifier trained on images of their size")
 
 
-def _references(request: Request, files: ImageFiles, extractors: dict[str, FeatureExtractor]
+def _references(request: Request, files: ImageFileSet, extractors: dict[str, FeatureExtractor]
                 ) -> tuple[dict[str, FeatureReference], dict[str, Any]]:
     """The reference of each feature space (loaded from a statistics file or computed from real images) and its
     description."""
@@ -175,15 +182,16 @@ def _references(request: Request, files: ImageFiles, extractors: dict[str, Featu
     _, channels, height, width = files.images.shape
     if request.reference.endswith(".npz"):
         references, meta = load_statistics(request.reference)
-        if meta.get("image_size", height) != height or meta.get("channels", channels) != channels:
-            raise InputShapeError(f"{request.reference} holds statistics of {meta['channels']} x {meta['image_size']}"
-                                  f" x {meta['image_size']} images, the samples are {channels} x {height} x {width}: "
+        size = meta.get("image_format", {})
+        if size.get("image_size", height) != height or size.get("channels", channels) != channels:
+            raise InputShapeError(f"{request.reference} holds statistics of {size['channels']} x {size['image_size']}"
+                                  f" x {size['image_size']} images, the samples are {channels} x {height} x {width}: "
                                   "compute a reference at the samples' size (--reference SOURCE)")
         _check_spaces(request.reference, references, extractors)
         return {name: references[name] for name in extractors}, {"statistics": request.reference, **meta}
     if height != width:
         raise InputShapeError(f"the samples are {height} x {width}: real references are square; give square samples")
-    data = real_data(request.reference, request.root, height, channels, request.resize_mode)
+    data = real_data(request.reference, _format(request, files))
     images = data.load().images
     references = {name: FeatureReference.of_images(extractor, images, request.keep, request.seed, request.batch_size)
                   for name, extractor in extractors.items()}
@@ -206,25 +214,24 @@ def _check_spaces(path: str, references: dict[str, FeatureReference], extractors
                                   "--save-reference FILE), or give the network the file was made with")
 
 
-def _held_out(request: Request, meta: dict[str, Any], files: ImageFiles) -> Tensor:
+def _held_out(request: Request, meta: dict[str, Any], files: ImageFileSet) -> Tensor:
     """A seeded random subset of held-out real images, as many as samples: those of ``held_out``, else the other split
     of the reference source."""
-    _, channels, height, _ = files.images.shape
     if request.held_out is not None:
-        data = real_data(request.held_out, request.root, height, channels, request.resize_mode)
+        data = real_data(request.held_out, _format(request, files))
     elif "source" in meta:
-        data = RealData(meta["source"], meta["split"], meta["root"], height, channels, meta["resize_mode"]).other_split()
+        data = RealData.from_description(meta).other_split()
     else:
         raise EvaluationError("--floor needs held-out real images: add --held-out SOURCE[:SPLIT] or an image folder")
     images = data.load().images
     num = len(files.images)
     if len(images) < num:
-        raise EvaluationError(f"--floor needs {num} held-out real images, {data.source} {data.split} has "
+        raise EvaluationError(f"--floor needs {num} held-out real images, {type(data.source).__name__} {data.split} has "
                               f"{len(images)}: give a larger --held-out set or score fewer samples")
     return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(request.seed))[:num]]
 
 
-def _space_metrics(name: str, scorer: RealReference, files: ImageFiles, request: Request) -> dict[str, float]:
+def _space_metrics(name: str, scorer: RealReference, files: ImageFileSet, request: Request) -> dict[str, float]:
     """FID (and floor, KID, precision/recall, IS as requested) of the samples in one feature space."""
     features = extract_features(scorer.extractor, files.images, request.batch_size)
     values = {f"{name}/fid": scorer.fid_of_features(features.features)}

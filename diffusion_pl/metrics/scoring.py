@@ -7,8 +7,6 @@ generator indistinguishable from the data would score at that N (FID is biased u
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 from torch import Tensor
 
@@ -104,6 +102,6 @@ def domain_reference(extractor: ClassifierFeatures, data: RealData, batch_size: 
         data: The reference split (its image size and channels are replaced by the classifier's).
         batch_size: Images per feature batch.
     """
-    data = replace(data, image_size=extractor.net.image_size, channels=extractor.net.in_channels)
+    data = data.at_size(extractor.net.image_size, extractor.net.in_channels)
     return RealReference.of_images(extractor, data.load().images, data.other_split().load().images,
                                    batch_size=batch_size)

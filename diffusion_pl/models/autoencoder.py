@@ -101,7 +101,7 @@ class AutoencoderModule(PartsModule):
             net, discriminator = build(net, "the net argument"), build(discriminator, "the discriminator argument")
         if net.in_channels != channels:
             raise ValueError(f"the autoencoder takes {net.in_channels}-channel images but the data has {channels}: set "
-                             "model.init_args.net.init_args.in_channels to data.init_args.channels")
+                             "model.init_args.net.init_args.in_channels to data.init_args.image_format.channels")
         net.latent_shape((channels, image_size, image_size))  # raises for sides the net cannot downsample
         if discriminator is not None and discriminator.layers[0].in_channels != channels:
             raise ValueError(f"the discriminator takes {discriminator.layers[0].in_channels}-channel images but the "

@@ -88,7 +88,7 @@ class CLIPModule(NoisyInputs, PartsModule):
             raise ValueError(f"caption templates need exactly one '{{}}' for the class name, got {bad}")
         if net.in_channels != channels:
             raise ValueError(f"the CLIP net takes {net.in_channels}-channel images but the data has {channels}: "
-                             "set model.init_args.net.init_args.in_channels to data.init_args.channels")
+                             "set model.init_args.net.init_args.in_channels to data.init_args.image_format.channels")
         self.register_parts({"net": net, "process": process}, optimizer, lr_scheduler)
         self.hparams["templates"] = list(templates)
         self.net = net

@@ -52,7 +52,7 @@ def training_hparams(module: pl.LightningModule, parameters: nn.Module) -> dict[
     data = dict(getattr(datamodule, "hparams", {}))
     if "batch_size" in data:
         out["effective_batch_size"] = data["batch_size"] * trainer.world_size * trainer.accumulate_grad_batches
-    out.update(flatten({k: data[k] for k in ("source", "image_size", "channels", "batch_size") if k in data}, "data"))
+    out.update(flatten({k: data[k] for k in ("source", "image_format", "batch_size") if k in data}, "data"))
     for callback in trainer.callbacks:
         if isinstance(callback, EMAWeightAveraging):
             out["ema_decay"] = float(getattr(callback, "decay", float("nan")))

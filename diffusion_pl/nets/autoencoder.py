@@ -183,11 +183,12 @@ class KLAutoencoder(Configurable, nn.Module):
         channels, height, width = image_shape
         if channels != self.in_channels:
             raise ValueError(f"the autoencoder takes {self.in_channels}-channel images, got {channels} channels: set "
-                             "data.init_args.channels to the autoencoder's in_channels (or train one for this data)")
+                             "data.init_args.image_format.channels to the autoencoder's in_channels (or train one for "
+                             "this data)")
         if height % self.factor or width % self.factor:
             raise ValueError(f"the autoencoder downsamples by f={self.factor} (channel_mult has "
                              f"{self.factor.bit_length()} levels), so image sides must be divisible by {self.factor}, "
-                             f"got {height}x{width}: change data.init_args.image_size or use fewer levels")
+                             f"got {height}x{width}: change data.init_args.image_format.image_size or use fewer levels")
         return self.latent_channels, height // self.factor, width // self.factor
 
 

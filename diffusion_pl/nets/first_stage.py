@@ -106,7 +106,7 @@ class SpaceToDepth(FirstStage):
         channels, height, width = image_shape
         if height % self.factor or width % self.factor:
             raise ValueError(f"SpaceToDepth(factor={self.factor}) needs image sides divisible by {self.factor}, got "
-                             f"{height}x{width}: change data.init_args.image_size or the factor")
+                             f"{height}x{width}: change data.init_args.image_format.image_size or the factor")
         return channels * self.factor**2, height // self.factor, width // self.factor
 
 

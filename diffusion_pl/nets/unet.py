@@ -542,13 +542,13 @@ class UNet(Configurable, nn.Module):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise InputShapeError(
                 f"UNet expected x of shape (B, in_channels={self.in_channels}, {self.image_size}, {self.image_size}), "
-                f"got {tuple(x.shape)}; give images (data or predict_images) with matching channels, or build the "
-                "net with in_channels matching the data."
+                f"got {tuple(x.shape)}; give images (data, or ImageFiles predict inputs) with matching channels, or "
+                "build the net with in_channels matching the data."
             )
         if x.shape[-2:] != (self.image_size, self.image_size):
             raise InputShapeError(
                 f"UNet expected {self.image_size}x{self.image_size} inputs (image_size={self.image_size}), got "
-                f"{x.shape[-2]}x{x.shape[-1]}; give images of that size (the data, or data.init_args.predict_images "
+                f"{x.shape[-2]}x{x.shape[-1]}; give images of that size (the data, or the ImageFiles predict input "
                 f"at predict), or build the net with image_size={x.shape[-1]}."
             )
         if t.shape not in ((), (x.shape[0],)):

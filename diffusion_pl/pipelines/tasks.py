@@ -1,7 +1,7 @@
 """What ``diffusion-pl predict`` does with a trained model: the ``predict_task`` part of ``DiffusionModule``.
 
 Without a task, predict samples one image per seed. A task turns the predict batch (images of a split, see
-``ImageDataModule(predict_from=...)``) into outputs: ``"samples"`` (uint8 (N, C, H, W), written to samples.npz),
+``ImageDataModule(predict=SplitImages(...))``) into outputs: ``"samples"`` (uint8 (N, C, H, W), written to samples.npz),
 ``"panel"`` (uint8 (B, C, H, W * k): one row per item of grid.png, e.g. input | masked | result) and per-item entries.
 """
 
@@ -32,8 +32,9 @@ def side_by_side(*columns: Tensor) -> Tensor:
 
 def require_images(batch: dict[str, Any], task: str) -> Tensor:
     if "image" not in batch:
-        raise ValueError(f"{task} needs input images: set data.init_args.predict_from=test (or train) and "
-                         "optionally data.init_args.predict_indices=[...]")
+        raise ValueError(f"{task} needs input images: predict from a split, --data.init_args.predict="
+                         "diffusion_pl.data.SplitImages --data.init_args.predict.split=test (optionally "
+                         "--data.init_args.predict.indices=[...]), or from files, diffusion_pl.data.ImageFiles")
     return batch["image"]
 
 
@@ -58,7 +59,7 @@ class Inpaint(PredictTask):
         resample: RePaint's resampling count.
         conditional: Condition a class-conditional model on the item's label (else unconditional).
 
-    Text-guided inpainting: items with a ``"prompt"`` (``data.init_args.predict_prompts``) always pass it on, to a
+    Text-guided inpainting: items with a ``"prompt"`` (``data.init_args.predict.prompts``) always pass it on, to a
     text-conditional model's conditioner (``Text``) or to CLIP guidance, and record it (``prompts`` in samples.npz).
     """
 
@@ -96,7 +97,7 @@ class Inpaint(PredictTask):
 
 class SuperResolve(PredictTask):
     """Super-resolve each input image with a super-resolution stage (its ``LowResImage`` conditioner): the inputs
-    are the low-res images (e.g. ``data.init_args.predict_images`` of 16x16 files for a 16 -> 32 stage).
+    are the low-res images (e.g. an ``ImageFiles`` predict input of 16x16 files for a 16 -> 32 stage).
 
     The output's prior noise and the input's augmentation noise come from each item's seed. The panel shows the
     input (nearest-neighbour upsampled), its bicubic upsampling and the model's output side by side.
@@ -145,7 +146,7 @@ class Interpolate(PredictTask):
         images = require_images(batch, "Interpolate")
         if images.shape[0] % 2:
             raise ValueError(f"Interpolate pairs consecutive images, got an odd batch of {images.shape[0]}: make "
-                             "data.init_args.predict_batch_size (and the number of images) even")
+                             "data.init_args.predict.batch_size (and the number of images) even")
         lambdas = torch.tensor(self.lambdas)
         rows = []
         for x, x_prime in zip(images[0::2], images[1::2]):
