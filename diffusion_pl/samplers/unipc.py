@@ -3,7 +3,7 @@ prediction, on the EDM form x~ = x / alpha, sigma~ = sigma / alpha of any forwar
 :mod:`~diffusion_pl.samplers.edm`; the solver calls the DenoiseFn and reads alpha and sigma, nothing else).
 
 In lambda = -log sigma~, with D_k the data estimate at the grid's time t_k, a step from t to s (h = lambda_s -
-lambda_t > 0) of either is DPM-Solver++'s first-order update (Lu et al. 2022b, eq. 8) with a corrected estimate:
+lambda_t > 0) of either is DPM-Solver++'s first-order update (DDIM; Lu et al. 2022b) with a corrected estimate:
 
     x~_s = e^{-h} x~_t - (e^{-h} - 1) D',   D' = D_t + sum_k rho_k (D_k - D_t) / r_k,   r_k = (lambda_k - lambda_t) / h.
 
@@ -113,7 +113,8 @@ def sample_unipc(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gr
     Step i evaluates D at x_{t_i}; from step 1 on, UniC-p_{i-1} first corrects x~_{t_i} with it (so the last step is
     not corrected), then UniP-p_i (:func:`step_orders`) predicts x_{t_{i+1}}, which ``project`` maps. The corrected
     sample is not projected again: as in diffusers' UniPCMultistepScheduler, the projection (and an observer) sees the
-    predictor's sample, at which the next evaluation is made. UniPC-p is of order p + 1 (UniC adds one to UniP's).
+    predictor's sample, at which the next evaluation is made. A step to the data is x = D there, uncorrected (a
+    correction at that level would go unused). UniPC-p is of order p + 1 (UniC adds one to UniP's).
 
     Args:
         denoise: (x_t, t) -> Prediction under ``process`` (guided or not; only its x0 is used).
@@ -134,13 +135,13 @@ def sample_unipc(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gr
     for i, (t, s) in enumerate(_steps(grid, "UniPC", x_T, progress)):
         alpha_t, (alpha_s, sigma_s) = process.alpha(t), noise_level(process, s)
         x0_hat = denoise(x, t).x0
+        if not bool((sigma_s > 0).all()):
+            x = _finish(append_dims(alpha_s, x.ndim) * x0_hat, s, project)
+            continue
         x_tilde = x / append_dims(alpha_t, x.ndim)
         if pending is not None:
             x_tilde = unipc_update(pending[0], lambdas[i], history[-pending[1]:], x0_hat)
         history = [*history, (lambdas[i], x0_hat)][-order:]
-        if not bool((sigma_s > 0).all()):
-            x = _finish(append_dims(alpha_s, x.ndim) * x0_hat, s, project)
-            continue
         pending = (x_tilde, orders[i])
         x_tilde = unipc_update(x_tilde, lambdas[i + 1], history[-orders[i]:], None)
         x = _finish(append_dims(alpha_s, x.ndim) * x_tilde, s, project)
