@@ -464,7 +464,7 @@ def test_parts_build_from_specs_and_yaml() -> None:
                                 "init_args": {"steps": 10, "spacing": None, "order": 3}}
 
 
-@pytest.mark.parametrize("name", ["Euler", "Heun", "DPMSolverPP"])
+@pytest.mark.parametrize("name", ["Euler", "Heun", "DPMSolverPP", "UniPC"])
 def test_model_samples_with_the_part_from_the_command_line(name: str, tmp_path) -> None:  # noqa: ANN001
     """``--model.init_args.sampler=DPMSolverPP --model.init_args.sampler.steps=3`` (and a grid override) on the tiny
     DDPM model: the UNet sees non-integer steps; an image depends only on its seed, not on its batch."""

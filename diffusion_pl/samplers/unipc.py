@@ -133,12 +133,12 @@ def sample_unipc(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gr
     orders, lambdas = step_orders(grid, order), grid_lambdas(process, grid)
     x, history, pending = x_T, [], None  # pending: (x~ at the last step's start, its p), UniC's other inputs
     for i, (t, s) in enumerate(_steps(grid, "UniPC", x_T, progress)):
-        alpha_t, (alpha_s, sigma_s) = process.alpha(t), noise_level(process, s)
+        alpha_s, sigma_s = noise_level(process, s)
         x0_hat = denoise(x, t).x0
         if not bool((sigma_s > 0).all()):
             x = _finish(append_dims(alpha_s, x.ndim) * x0_hat, s, project)
             continue
-        x_tilde = x / append_dims(alpha_t, x.ndim)
+        x_tilde = x / append_dims(process.alpha(t), x.ndim)
         if pending is not None:
             x_tilde = unipc_update(pending[0], lambdas[i], history[-pending[1]:], x0_hat)
         history = [*history, (lambdas[i], x0_hat)][-order:]
