@@ -16,6 +16,7 @@ from diffusion_pl.samplers.configs import (
     Heun,
     PredictorCorrector,
     Sampler,
+    UniPC,
 )
 from diffusion_pl.samplers.ddim import invert_ddim, sample_ddim
 from diffusion_pl.samplers.ddpm import ddpm_step, sample_ddpm
@@ -32,6 +33,7 @@ from diffusion_pl.samplers.observe import OnStepFn, observed
 from diffusion_pl.samplers.ode import encode_ode, sample_ode
 from diffusion_pl.samplers.sde import sample_euler_maruyama, sample_pc
 from diffusion_pl.samplers.timegrids import Karras, LogSNR, TimeGrid, Trailing, Uniform
+from diffusion_pl.samplers.unipc import sample_unipc
 
 __all__ = [
     "DDIM", "DDPM", "ddpm_step", "ODE", "EulerMaruyama", "PredictorCorrector", "ProjectFn", "Sampler",
@@ -39,5 +41,5 @@ __all__ = [
     "sample_euler_maruyama", "sample_ode", "sample_pc", "sde_times", "strided_grid", "strided_steps",
     "DPMSolverPP", "Euler", "Heun", "Karras", "LogSNR", "OnStepFn", "TimeGrid", "Trailing", "Uniform",
     "sample_dpmpp_2m", "sample_euler", "sample_heun", "DPMSolverPPSDE", "EDMStochastic", "sample_dpmpp_2m_sde",
-    "sample_edm_stochastic", "observed",
+    "sample_edm_stochastic", "observed", "UniPC", "sample_unipc",
 ]

@@ -51,6 +51,7 @@ from diffusion_pl.samplers.sde import (
     sample_pc,
 )
 from diffusion_pl.samplers.timegrids import Karras, TimeGrid
+from diffusion_pl.samplers.unipc import check_unipc_order, sample_unipc
 
 HParam = int | float | str | bool
 
@@ -377,6 +378,28 @@ class DPMSolverPP(_EDMSampler):
              generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
         return sample_dpmpp_2m(denoise, process, x_T, grid=grid, project=project, generator=generator,
                                progress=progress)
+
+
+class UniPC(_EDMSampler):
+    """UniPC-p of Zhao et al. 2023 (:func:`~diffusion_pl.samplers.unipc.sample_unipc`): the multistep predictor UniP-p
+    corrected by UniC-p with the next step's evaluation (B(h) = e^h - 1, data prediction); one evaluation per step,
+    order p + 1 (5-20 steps).
+
+    Args:
+        steps: Number of steps N.
+        spacing: The time grid part; None: ``Karras()``.
+        order: p: 1, 2 (diffusers' default, advised for guided sampling) or 3 (advised for unguided).
+    """
+
+    def __init__(self, steps: int = 10, spacing: TimeGrid | None = None, order: int = 2) -> None:
+        super().__init__(steps, spacing)
+        check_unipc_order(order)
+        self.order = order
+
+    def _run(self, denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid: Tensor,
+             generator: torch.Generator | None, progress: bool, project: ProjectFn | None) -> Tensor:
+        return sample_unipc(denoise, process, x_T, grid=grid, order=self.order, project=project, generator=generator,
+                            progress=progress)
 
 
 class EDMStochastic(_EDMSampler):
