@@ -30,6 +30,13 @@ if TYPE_CHECKING:  # the command line is imported when a test runs it: tests of 
 
 REPO = Path(__file__).resolve().parent.parent
 DDPM_FASHION = str(REPO / "configs" / "ddpm" / "fashion_mnist.yaml")
+#: The part files that configs name (a net, a data set, an optimizer, callbacks): not configs of their own.
+PARTS = REPO / "configs" / "parts"
+#: The configs, relative to the repository: every YAML file under configs/ but the part files.
+CONFIGS = sorted(str(path.relative_to(REPO)) for path in (REPO / "configs").rglob("*.yaml")
+                 if PARTS not in path.parents)
+#: A line whose value names a YAML file (a part file, relative to the file that names it).
+PART_REFERENCE = re.compile(r"^[ \t]*[\w+.]+:[ \t]+([^\s#'\"]+\.ya?ml)[ \t]*(?:#.*)?$", re.MULTILINE)
 
 # Overrides that make any diffusion config run in seconds on CPU: a tiny UNet on 8x8 digits, T = 100.
 TINY_NET = [
@@ -82,11 +89,34 @@ def config_args(config: str | Path, overlays: Sequence[str | Path] = ()) -> list
     return [arg for path in (config, *overlays) for arg in ("--config", config_path(path))]
 
 
+def config_and_parts_text(path: str | Path) -> str:
+    """The text of a config file followed by that of each part file it names (and those name): where the tiny-run
+    overrides look for a config's classes and arguments."""
+    path = Path(path)
+    text = path.read_text()
+    parts = [path.parent / name for name in PART_REFERENCE.findall(text)]
+    return "\n".join([text, *(config_and_parts_text(part) for part in parts if part.is_file())])
+
+
+def relocatable_text(path: str | Path) -> str:
+    """The text of a config file with the part files it names given by absolute path: a copy written elsewhere (a
+    test's variant of the config) names the same files."""
+    path = Path(path)
+
+    def absolute(match: re.Match[str]) -> str:
+        start, end = match.span(1)
+        line_start = match.start(0)
+        line = match.group(0)
+        return line[:start - line_start] + str((path.parent / match.group(1)).resolve()) + line[end - line_start:]
+
+    return PART_REFERENCE.sub(absolute, path.read_text())
+
+
 def tiny_args(root: Path, *extra: str, config: str | Path = DDPM_FASHION,
               overlays: Sequence[str | Path] = ()) -> list[str]:
     """CLI arguments (without the subcommand) for a tiny run of ``config`` (and ``overlays`` right after it, before
     the tiny overrides) writing under ``root``; ``extra`` last."""
-    text = Path(config_path(config)).read_text()
+    text = config_and_parts_text(config_path(config))
     return [*config_args(config, overlays), f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false", *tiny_net(text), *TINY_DATA, *tiny_process(text),
             *tiny_text_encoder(text), *tiny_first_stage(text), *extra]

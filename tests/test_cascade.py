@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, TINY_DATA, last_checkpoint, predict_samples, read_samples, run_cli
+from helpers import REPO, TINY_DATA, last_checkpoint, predict_samples, read_samples, relocatable_text, run_cli
 from torch import Tensor
 
 from diffusion_pl.conditioning import (
@@ -207,7 +207,7 @@ def stages(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def cascade_config(path: Path, base: Path, sr: Path) -> str:
-    text = (Path(CASCADE).read_text().replace("runs/cascade_base16/lightning_logs/version_0/checkpoints/last.ckpt",
+    text = (relocatable_text(CASCADE).replace("runs/cascade_base16/lightning_logs/version_0/checkpoints/last.ckpt",
                                               str(base))
             .replace("runs/cascade_sr16to32/lightning_logs/version_0/checkpoints/last.ckpt", str(sr))
             .replace("steps: 50", "steps: 4").replace("samplers.DDPM", "samplers.DDIM"))  # deterministic

@@ -8,13 +8,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import DDPM_FASHION, REPO, last_checkpoint, run_cli
+from helpers import CONFIGS, DDPM_FASHION, REPO, last_checkpoint, run_cli
 
 from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.data import DatasetNotFoundError
 from diffusion_pl.samplers import DDPM
 
-CONFIGS = sorted(str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml"))
 # Configs of trained models put together for predict (cascades): tests/test_cascade.py runs them on tiny stages.
 PREDICT_ONLY = [config for config in CONFIGS if "diffusion_pl.models.CascadeModule" in (REPO / config).read_text()]
 FIT_CONFIGS = [config for config in CONFIGS if config not in PREDICT_ONLY]

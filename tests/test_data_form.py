@@ -9,8 +9,9 @@ import yaml
 
 from diffusion_pl.cli import build_cli
 from diffusion_pl.cli.data_form import check_data_form, new_command_line, new_data_args
+from diffusion_pl.cli.errors import check_config_files
 from diffusion_pl.core.errors import ConfigError
-from helpers import REPO
+from helpers import CONFIGS, REPO
 
 #: Data arguments of configs and overlays as they were written before the parts.
 OLD = {
@@ -57,10 +58,17 @@ OLD = {
 }
 
 
+def data_init_args(path: Path) -> dict:
+    """The ``data.init_args`` of a config or overlay: written in it, or in the data part file it names."""
+    data = yaml.safe_load(path.read_text())["data"]
+    if isinstance(data, str):  # a part file (configs/parts/data), relative to the config
+        data = yaml.safe_load((path.parent / data).read_text())
+    return data["init_args"]
+
+
 @pytest.mark.parametrize("path", sorted(OLD))
 def test_old_data_arguments_translate_to_what_the_config_holds_now(path: str) -> None:
-    now = yaml.safe_load((REPO / path).read_text())["data"]["init_args"]
-    assert new_data_args(yaml.safe_load(OLD[path])) == now
+    assert new_data_args(yaml.safe_load(OLD[path])) == data_init_args(REPO / path)
 
 
 def test_an_old_config_is_refused_with_its_new_data_block(tmp_path: Path) -> None:
@@ -74,6 +82,29 @@ def test_an_old_config_is_refused_with_its_new_data_block(tmp_path: Path) -> Non
     assert message.endswith("data:\n  init_args:\n"
                             "    source: {class_path: diffusion_pl.data.ImageFolder, init_args: {root: data/images}}\n"
                             "    image_format: {image_size: 32, channels: 3, resize_mode: resize, downsample: 4}")
+
+
+def test_a_data_part_file_with_old_arguments_is_refused_naming_it(tmp_path: Path) -> None:
+    part = tmp_path / "parts" / "old_data.yaml"
+    part.parent.mkdir()
+    part.write_text("class_path: diffusion_pl.data.ImageDataModule\ninit_args:\n  source: digits\n  image_size: 8\n")
+    config = tmp_path / "config.yaml"
+    config.write_text("data: parts/old_data.yaml\n")
+    with pytest.raises(ConfigError) as error:
+        check_data_form(["fit", "--config", str(config)])
+    assert str(error.value).startswith(f"data part file {part} (named by config file {config}) uses old data "
+                                       "arguments (source, image_size)")
+    assert str(error.value).endswith("\ninit_args:\n  source: diffusion_pl.data.Digits\n"
+                                     "  image_format: {image_size: 8}")
+
+
+def test_configs_naming_part_files_pass_the_checks_made_before_parsing() -> None:
+    """A part file's path where a config's block used to be (``data: ../parts/data/cifar10.yaml``) is valid YAML and
+    no old data argument."""
+    for config in CONFIGS:
+        args = ["fit", "--config", str(REPO / config)]
+        check_config_files(args)
+        check_data_form(args)
 
 
 def test_old_command_line_arguments_are_refused_with_the_new_ones() -> None:

@@ -100,15 +100,27 @@ def data_block(init_args: Mapping[str, Any]) -> str:
     return "\n".join(["data:", "  init_args:", *(f"    {key}: {_flow(value)}" for key, value in new.items())])
 
 
-def _old_init_args(path: Path) -> Mapping[str, Any] | None:
-    """The ``data.init_args`` of a config file when they hold old arguments."""
+def _read_yaml(path: Path) -> Any:
+    """The content of a YAML file, or None when it cannot be read (the parser reports that)."""
     try:
-        data = (yaml.safe_load(path.read_text()) or {}).get("data")
-    except (OSError, yaml.YAMLError, AttributeError):
+        return yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
         return None
+
+
+def _old_init_args(path: Path) -> tuple[Path | None, Mapping[str, Any]] | None:
+    """The ``data.init_args`` of a config file when they hold old arguments, with the data part file that holds them
+    (None: the config itself). A config may name its data block's file (``data: ../parts/data/x.yaml``, a path
+    relative to its folder) where the block used to be."""
+    config = _read_yaml(path)
+    data = config.get("data") if isinstance(config, Mapping) else None
+    part = None
+    if isinstance(data, str):  # a part file, or a class path (no such file: nothing to check)
+        part = path.parent / data
+        data = _read_yaml(part)
     init_args = data.get("init_args", data) if isinstance(data, Mapping) else None
     if isinstance(init_args, Mapping) and any(_is_old(k, v) for k, v in init_args.items()):
-        return init_args
+        return part, init_args
     return None
 
 
@@ -151,10 +163,16 @@ def check_data_form(args: Sequence[str]) -> None:
     intro = ("the data module takes parts now: a source part (data.init_args.source), an image_format group and a "
              "predict part replace source names, root, image_size/channels/... and predict_*")
     for path in config_files(args):
-        if (init_args := _old_init_args(path)) is not None:
+        if (found := _old_init_args(path)) is not None:
+            part, init_args = found
             old = ", ".join(key for key, value in init_args.items() if _is_old(key, value))
-            raise ConfigError(f"config file {path} uses old data arguments ({old}); {intro}. In its data block, write "
-                              f"instead of them\n{data_block(init_args)}")
+            block = data_block(init_args)
+            where = f"config file {path}"
+            if part is not None:  # the part file holds the data value itself: its init_args at the top
+                where = f"data part file {part} (named by config file {path})"
+                block = "\n".join(line[2:] for line in block.splitlines()[1:])
+            raise ConfigError(f"{where} uses old data arguments ({old}); {intro}. In its data block, write instead of "
+                              f"them\n{block}")
     if old_args := _command_line_args(args):
         given = " ".join(f"--data.init_args.{key}={value}" for key, value in old_args.items())
         raise ConfigError(f"{given}: old data arguments; {intro}. Write\n{' '.join(new_command_line(old_args))}")
