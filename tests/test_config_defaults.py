@@ -53,8 +53,9 @@ RUN_LINES = 4
 #: part names (model/class_path/init_args headers, the same parts named in the same order by a family's configs), the
 #: recipe blocks family members share (a DDIM-50 sampler and eps-parameterization) and the trainer settings of the GPU
 #: and per-epoch configs: jsonargparse reads a value from a file only whole, with nothing merged into it in the same
-#: file, so a config cannot name a shared block and change part of it. The bound keeps it there.
-MAX_REPEATED = 0.63
+#: file, so a config cannot name a shared block and change part of it. The two CIFAR-10 GPU recipes of issue 28
+#: (configs/edm, configs/flow) brought it to 65.1%. The bound keeps it there.
+MAX_REPEATED = 0.66
 
 
 def printed_config(args: list[str], run: bool = True) -> dict[str, Any]:
