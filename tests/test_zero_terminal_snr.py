@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from diffusion_pl.cli.main import main
 from diffusion_pl.core.errors import ConfigError
-from diffusion_pl.guidance import combine_guided
+from diffusion_pl.guidance import classifier_guidance, combine_guided
 from diffusion_pl.loss_parts import EDMWeighting, MinSNR
 from diffusion_pl.parameterization import EDM, X0, Denoiser, Eps, LearnedVariance, Prediction, V, Velocity
 from diffusion_pl.processes import DiscreteProcess
@@ -219,6 +219,20 @@ def test_classifier_free_guidance_at_T_combines_the_x0_estimates() -> None:
         guided = combine_guided(cond, uncond, w, x_t, t, process)
         torch.testing.assert_close(guided.x0, (1 + w) * cond.x0 - w * uncond.x0, rtol=atol, atol=atol)
         assert torch.equal(guided.eps, (1 + w) * cond.eps - w * uncond.eps)
+
+
+def test_classifier_guidance_at_T_keeps_the_unguided_x0() -> None:
+    """At alpha = 0 no eps determines x0; elsewhere the guided x0 is that of the guided eps (Ho et al. 2020, eq. 15)."""
+    process = zero_snr("linear")
+    unguided = exact_v(process)
+    guided = classifier_guidance(unguided, lambda x, t: (x**2).sum(-1), process, 2.0)
+    x_t = torch.randn(8, 3)
+    for step in (T, 500):
+        t = torch.full((8,), step)
+        pred, plain = guided(x_t, t), unguided(x_t, t)
+        assert bool(torch.isfinite(pred.x0).all()) and not torch.equal(pred.eps, plain.eps)
+        expected = plain.x0 if step == T else (x_t - process.sigma(t)[:, None] * pred.eps) / process.alpha(t)[:, None]
+        torch.testing.assert_close(pred.x0, expected)
 
 
 def test_loss_weightings_are_finite_at_T() -> None:
