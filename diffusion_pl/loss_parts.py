@@ -109,4 +109,5 @@ class EDMWeighting(Weighting):
 
     def x0_weight(self, t: Tensor, process: ForwardProcess) -> Tensor:
         sigma = edm_sigma(process, t).to(t.dtype if t.is_floating_point() else torch.float32)
-        return (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        weight = (sigma**2 + self.sigma_data**2) / (sigma * self.sigma_data) ** 2
+        return torch.where(sigma.isinf(), 1 / self.sigma_data**2, weight)  # its limit at alpha = 0 (zero terminal SNR)

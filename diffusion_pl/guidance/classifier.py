@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from diffusion_pl.core.tensors import append_dims
-from diffusion_pl.parameterization import DenoiseFn, Prediction, x0_from_eps
+from diffusion_pl.parameterization import DenoiseFn, Prediction, x0_from_guided_eps
 from diffusion_pl.processes.base import ForwardProcess
 
 LogProbFn = Callable[[Tensor, Tensor], Tensor]
@@ -46,6 +46,6 @@ def classifier_guidance(den: DenoiseFn, log_prob: LogProbFn, process: ForwardPro
             return pred
         grad = log_prob_gradient(log_prob, x_t, t)
         eps = pred.eps - scale * append_dims(process.sigma(t), x_t.ndim) * grad
-        return Prediction(x0=x0_from_eps(eps, x_t, t, process), eps=eps, log_var=pred.log_var)
+        return Prediction(x0=x0_from_guided_eps(eps, x_t, t, process, pred.x0), eps=eps, log_var=pred.log_var)
 
     return guided

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from diffusion_pl.parameterization import ConditionalDenoiseFn, DenoiseFn, Prediction, x0_from_eps
+from diffusion_pl.parameterization import ConditionalDenoiseFn, DenoiseFn, Prediction, x0_from_guided_eps
 from diffusion_pl.processes.base import ForwardProcess
 
 
@@ -13,10 +13,12 @@ def combine_guided(cond: Prediction, uncond: Prediction, w: float, x_t: Tensor, 
                    process: ForwardProcess) -> Prediction:
     """(1 + w) eps_c - w eps_u, with x0 made consistent with the guided eps; the variance is the conditional one.
 
-    w = 0 is the conditional model, w = -1 the unconditional one (Ho & Salimans 2022, eq. 6).
+    w = 0 is the conditional model, w = -1 the unconditional one (Ho & Salimans 2022, eq. 6). Where alpha(t) = 0
+    (zero terminal SNR) x0 is combined alike, (1 + w) x0_c - w x0_u, which equals the x0 of the guided eps elsewhere.
     """
     eps = (1 + w) * cond.eps - w * uncond.eps
-    return Prediction(x0=x0_from_eps(eps, x_t, t, process), eps=eps, log_var=cond.log_var)
+    x0 = x0_from_guided_eps(eps, x_t, t, process, (1 + w) * cond.x0 - w * uncond.x0)
+    return Prediction(x0=x0, eps=eps, log_var=cond.log_var)
 
 
 def classifier_free(cond: DenoiseFn, uncond: DenoiseFn, w: float, process: ForwardProcess) -> DenoiseFn:

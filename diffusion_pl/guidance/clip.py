@@ -34,7 +34,7 @@ from diffusion_pl.parameterization import (
     ConditionalDenoiseFn,
     DenoiseFn,
     Prediction,
-    x0_from_eps,
+    x0_from_guided_eps,
 )
 from diffusion_pl.processes.base import ForwardProcess, marginals_mismatch
 
@@ -165,7 +165,7 @@ def clip_guidance(den: DenoiseFn, clip: ImageEncoder, text_features: Tensor, pro
             (grad,) = torch.autograd.grad(value.sum(), x)
         pred = den(x_t, t) if pred is None else _detached(pred)
         eps = pred.eps - scale * append_dims(process.sigma(t), x_t.ndim) * grad.to(pred.eps.dtype)
-        return Prediction(x0=x0_from_eps(eps, x_t, t, process), eps=eps, log_var=pred.log_var)
+        return Prediction(x0=x0_from_guided_eps(eps, x_t, t, process, pred.x0), eps=eps, log_var=pred.log_var)
 
     return guided
 

@@ -26,9 +26,10 @@ from diffusion_pl.parameterization.prediction import (
     score_from_eps,
     warn_unclipped_eps,
     x0_from_eps,
+    x0_from_guided_eps,
 )
 
 __all__ = ["EDM", "PREDICTION_KINDS", "UNCLIPPED_EPS_LIMIT", "X0", "ConditionalDenoiseFn", "DenoiseFn", "Denoiser",
            "Eps", "LearnedVariance", "Parameterization", "Prediction", "V", "Velocity", "clip_denoised",
            "coefficients", "eps_from_x0", "from_prediction_kind", "probability_flow", "score_from_eps",
-           "warn_unclipped_eps", "x0_from_eps"]
+           "warn_unclipped_eps", "x0_from_eps", "x0_from_guided_eps"]

@@ -18,10 +18,12 @@ import abc
 import torch
 from torch import Tensor
 
+from diffusion_pl.core.errors import ConfigError
 from diffusion_pl.core.spec import Configurable
 from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.parameterization.prediction import Prediction, coefficients
 from diffusion_pl.processes.base import ForwardProcess
+from diffusion_pl.processes.noise_levels import reaches_zero_snr
 
 #: The prediction strings of earlier configs and checkpoints (``prediction: eps``), mapped to their parts.
 PREDICTION_KINDS: tuple[str, ...] = ("eps", "x0", "v")
@@ -62,6 +64,15 @@ class Parameterization(Configurable, abc.ABC):
         """f(t), (B,): an output error delta gives the x0 error f(t) delta (at fixed x_t)."""
 
 
+def refuse_zero_snr(process: ForwardProcess, name: str, why: str) -> None:
+    """Raise ConfigError when ``process`` reaches alpha(t) = 0 (zero terminal SNR), where parameterization ``name`` is
+    undefined for the reason ``why``; the message names the fix (Lin et al. 2024, Sec. 3.2: v-prediction)."""
+    if reaches_zero_snr(process):
+        raise ConfigError(f"{name} is undefined on a process with zero terminal SNR (alpha-bar_T = 0): {why}. Train "
+                          "with parameterization: {class_path: diffusion_pl.parameterization.V} (Lin et al. 2024, "
+                          "Sec. 3.2), or set the process's zero_terminal_snr: false")
+
+
 def _from_x0(x0: Tensor, x_t: Tensor, t: Tensor, process: ForwardProcess, output: Tensor) -> Prediction:
     alpha, sigma = coefficients(process, t, x_t.ndim)
     return Prediction(x0=x0, eps=(x_t - alpha * x0) / sigma, raw=output)
@@ -71,6 +82,11 @@ class Eps(Parameterization):
     """The network predicts the noise eps (Ho et al. 2020)."""
 
     divides_by_alpha = True
+
+    def check(self, process: ForwardProcess) -> None:
+        """Refuse a zero-terminal-SNR process: at alpha(T) = 0, x_T = eps whatever x0, so x0 is not recoverable."""
+        refuse_zero_snr(process, "eps-prediction (Eps)",
+                        "at T, x_t = eps carries nothing of x0, and x0 = (x_t - sigma eps) / alpha divides by 0")
 
     def prediction(self, output: Tensor, x_t: Tensor, t: Tensor, process: ForwardProcess) -> Prediction:
         alpha, sigma = coefficients(process, t, x_t.ndim)
@@ -149,6 +165,11 @@ class EDM(Parameterization):
         if not sigma_data > 0:
             raise ValueError(f"EDM's sigma_data must be positive, got {sigma_data}")
         self.sigma_data = float(sigma_data)
+
+    def check(self, process: ForwardProcess) -> None:
+        """Refuse a zero-terminal-SNR process: at alpha(T) = 0 the noise level sigma~ = sigma / alpha is infinite."""
+        refuse_zero_snr(process, "EDM preconditioning",
+                        "its net sees x_t / alpha at c_noise = ln(sigma / alpha) / 4, infinite at T")
 
     def noise_level(self, t: Tensor, process: ForwardProcess) -> Tensor:
         """sigma~(t) = sigma(t) / alpha(t), (B,)."""

@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
 from torch import Tensor
 
 from diffusion_pl.core.tensors import append_dims
@@ -61,6 +62,14 @@ def x0_from_eps(eps: Tensor, x_t: Tensor, t: Tensor, process: ForwardProcess) ->
     """x0 = (x_t - sigma eps) / alpha: the data estimate consistent with a given eps estimate."""
     alpha, sigma = coefficients(process, t, x_t.ndim)
     return (x_t - sigma * eps) / alpha
+
+
+def x0_from_guided_eps(eps: Tensor, x_t: Tensor, t: Tensor, process: ForwardProcess,
+                       at_pure_noise: Tensor) -> Tensor:
+    """:func:`x0_from_eps` of a guided eps, and ``at_pure_noise`` where alpha(t) = 0 (the T of a zero-terminal-SNR
+    process, Lin et al. 2024): there x_t = eps carries nothing of x0, so no eps says which x0 the guidance wants."""
+    alpha = append_dims(process.alpha(t), x_t.ndim)
+    return torch.where(alpha == 0, at_pure_noise, x0_from_eps(eps, x_t, t, process))
 
 
 def score_from_eps(eps: Tensor, t: Tensor, process: ForwardProcess) -> Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -10,7 +11,7 @@ from torch import Tensor
 
 from diffusion_pl.core.tensors import append_dims
 from diffusion_pl.processes.base import ForwardProcess
-from diffusion_pl.processes.schedules import ScheduleName, make_betas
+from diffusion_pl.processes.schedules import ScheduleName, make_betas, rescale_zero_terminal_snr
 
 FixedVariance = Literal["beta", "posterior"]
 
@@ -33,18 +34,27 @@ class DiscreteProcess(ForwardProcess):
         beta_start: First beta of the linear/quadratic schedule (at T = 1000).
         beta_end: Last beta of the linear/quadratic schedule (at T = 1000).
         cosine_s: Offset s of the cosine schedule.
-        betas: Explicit betas (overrides ``schedule``); used for respaced sub-sequences.
+        betas: Explicit betas (overrides ``schedule``); used for respaced sub-sequences. Each lies in (0, 1); the
+            last may be 1 (alpha-bar_T = 0, as a respaced zero-terminal-SNR process keeps it).
         timestep_map: For a respaced process, the original step of each new step (``net_input_time``).
+        zero_terminal_snr: Rescale the betas to alpha-bar_T = 0 (Lin et al. 2024, Alg. 1:
+            :func:`~diffusion_pl.processes.schedules.rescale_zero_terminal_snr`), so that x_T is pure noise and the
+            prior N(0, I) is exact. Then eps-prediction is undefined at T (x0 = (x_t - sigma eps) / alpha): train
+            with ``V()`` (``X0()`` and ``Velocity()`` are defined there too) and sample from T (a ``Trailing`` grid).
     """
 
     def __init__(self, num_steps: int = 1000, schedule: ScheduleName = "linear", beta_start: float = 1e-4,
                  beta_end: float = 0.02, cosine_s: float = 0.008, betas: list[float] | None = None,
-                 timestep_map: list[int] | None = None) -> None:
+                 timestep_map: list[int] | None = None, zero_terminal_snr: bool = False) -> None:
         super().__init__()
         betas64 = torch.tensor(betas, dtype=torch.float64) if betas is not None else make_betas(
             schedule, num_steps, beta_start, beta_end, cosine_s)
-        if not bool(((betas64 > 0) & (betas64 < 1)).all()):
-            raise ValueError("every beta must lie in (0, 1); check the schedule's beta_start/beta_end for this T")
+        inner = betas64[:-1]
+        if not (len(betas64) > 0 and bool(((inner > 0) & (inner < 1)).all()) and 0 < float(betas64[-1]) <= 1):
+            raise ValueError("every beta must lie in (0, 1) (the last may be 1: alpha-bar_T = 0); check the schedule's "
+                             "beta_start/beta_end for this T")
+        if zero_terminal_snr:
+            betas64 = rescale_zero_terminal_snr(betas64)
         self.num_steps = len(betas64)
         step_map = timestep_map if timestep_map is not None else list(range(self.num_steps + 1))
         if len(step_map) != self.num_steps + 1:
@@ -102,7 +112,10 @@ class DiscreteProcess(ForwardProcess):
         sigma/alpha(t) = t sigma/alpha(1), i.e. lambda(t) = lambda_1 - 2 log t (+inf at t = 0). Both are
         continuous and strictly decreasing, so alpha-bar = sigmoid(lambda) falls strictly from 1 at t = 0 and
         equals the table at every integer step (Kingma et al. 2021 parameterize a process by lambda(t) the same way).
-        Computed on t's device (a sampler's time grid is built on the CPU, whatever the process's device).
+        Mirrored at the top of a zero-terminal-SNR process (lambda_T = -inf, Lin et al. 2024): on (T - 1, T] the
+        square root of the SNR, alpha/sigma = exp(lambda/2), is linear instead, falling to 0 at T, i.e.
+        lambda(t) = lambda_{T-1} + 2 log(T - t). Computed on t's device (a sampler's time grid is built on the CPU,
+        whatever the process's device).
         """
         t = t.float() if not t.is_floating_point() else t
         t = t.clamp(0, self.num_steps)
@@ -111,7 +124,9 @@ class DiscreteProcess(ForwardProcess):
         lam_high = _logit(alpha_bar[low + 1])
         lam_low = torch.where(low == 0, lam_high, _logit(alpha_bar[low]))
         frac = t - low
-        return torch.where(low == 0, lam_high - 2 * t.log(), lam_low + frac * (lam_high - lam_low))
+        linear = lam_low + frac * (lam_high - lam_low)
+        inner = torch.where(lam_high == -math.inf, lam_low + 2 * (1 - frac).log(), linear)
+        return torch.where(low == 0, lam_high - 2 * t.log(), inner)
 
     def beta(self, t: Tensor) -> Tensor:
         """beta_t for integer steps t in 1..T."""

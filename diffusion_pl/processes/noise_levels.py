@@ -45,6 +45,12 @@ def sigma_range(process: ForwardProcess) -> tuple[float, float]:
     return low, high
 
 
+def reaches_zero_snr(process: ForwardProcess) -> bool:
+    """Whether alpha(t) = 0 at one of the process's probe times (zero terminal SNR, Lin et al. 2024): lambda = -inf and
+    sigma~ = inf there, so nothing that divides by alpha (eps-prediction's x0, EDM's x / alpha) is defined."""
+    return bool((process.marginals()["alpha"] == 0).any())
+
+
 def times_at_sigmas(process: ForwardProcess, sigmas: Tensor) -> Tensor:
     """The float64 times where the process's EDM sigma takes the (decreasing) values ``sigmas``.
 

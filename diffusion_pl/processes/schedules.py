@@ -44,6 +44,20 @@ def cosine_betas(num_steps: int, s: float = 0.008, max_beta: float = 0.999) -> T
     return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
 
 
+def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
+    """Lin et al. 2024, Alg. 1: the betas whose sqrt(alpha-bar) is that of ``betas`` shifted so that its last value is
+    0 and scaled so that its first is unchanged, sqrt(alpha-bar'_t) = sqrt(alpha-bar_1) (sqrt(alpha-bar_t) -
+    sqrt(alpha-bar_T)) / (sqrt(alpha-bar_1) - sqrt(alpha-bar_T)); hence alpha-bar'_T = 0 and beta'_T = 1 (zero terminal
+    SNR: x_T is pure noise). Needs T >= 2 (float64 in, float64 out)."""
+    if len(betas) < 2:
+        raise ValueError(f"zero terminal SNR needs at least 2 steps (alpha-bar_1 is kept, alpha-bar_T set to 0), got "
+                         f"{len(betas)}")
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    first, last = root[0], root[-1]
+    alpha_bar = ((root - last) * (first / (first - last))) ** 2
+    return 1 - torch.cat([alpha_bar[:1], alpha_bar[1:] / alpha_bar[:-1]])
+
+
 def make_betas(schedule: ScheduleName, num_steps: int, beta_start: float = 1e-4, beta_end: float = 0.02,
                cosine_s: float = 0.008) -> Tensor:
     """Build the float64 betas beta_1..beta_T of a named schedule."""

@@ -7,7 +7,9 @@ implementation serves every process: the solvers only call the DenoiseFn at (alp
 
 The grid is a decreasing 1-D tensor of process times (e.g. :meth:`~diffusion_pl.samplers.timegrids.TimeGrid.times`);
 a last time of 0 is the data, sigma~ = 0 (on VE too, whose sigma(0) = sigma_min is the process's convention for
-x(0), not a noise level to stop at). Steps to sigma~ = 0 are first order: x = D (EDM's Alg. 1, line 8).
+x(0), not a noise level to stop at). Steps to sigma~ = 0 are first order: x = D (EDM's Alg. 1, line 8). So are steps
+from alpha = 0 (the T of a zero-terminal-SNR process, Lin et al. 2024), where sigma~ is infinite and x~ undefined:
+:func:`pure_noise_step`.
 """
 
 from __future__ import annotations
@@ -47,6 +49,22 @@ def _denoised(denoise: DenoiseFn, process: ForwardProcess, x_tilde: Tensor, t: T
     return denoise(append_dims(process.alpha(t), x_tilde.ndim) * x_tilde, t).x0
 
 
+def at_pure_noise(alpha_t: Tensor) -> bool:
+    """Whether the step starts where alpha(t) = 0 (pure noise: the T of a zero-terminal-SNR process)."""
+    return bool((alpha_t == 0).all())
+
+
+def pure_noise_step(denoise: DenoiseFn, process: ForwardProcess, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+    """The step from x_t at alpha(t) = 0 to time s, the limit sigma~_t -> inf of every solver's update: DDIM's
+    x_s = alpha_s (D + sigma~_s x_t / sigma_t) (Song et al. 2021a, eq. 12 with eta = 0, eps = x_t / sigma_t at
+    alpha_t = 0). Euler's ratio sigma~_s / sigma~_t and DPM-Solver++'s e^{-h} tend to 0 there, and a second-order
+    correction across an infinite step is undefined, so the step is first order; the stochastic solvers take it
+    too (their noise starts at the next step)."""
+    alpha_s, sigma_s = noise_level(process, s)
+    x0_hat = denoise(x, t).x0
+    return append_dims(alpha_s, x.ndim) * (x0_hat + append_dims(sigma_s / process.sigma(t), x.ndim) * x)
+
+
 def _finish(x: Tensor, s: Tensor, project: ProjectFn | None) -> Tensor:
     """Apply the projection at the time s just reached."""
     return x if project is None else project(x, s)
@@ -78,6 +96,9 @@ def sample_euler(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gr
     x = x_T
     for t, s in _steps(grid, "Euler", x_T, progress):
         (alpha_t, sigma_t), (alpha_s, sigma_s) = noise_level(process, t), noise_level(process, s)
+        if at_pure_noise(alpha_t):
+            x = _finish(pure_noise_step(denoise, process, x, t, s), s, project)
+            continue
         x0_hat = denoise(x, t).x0
         ratio = append_dims(sigma_s / sigma_t, x.ndim)
         x = append_dims(alpha_s, x.ndim) * (ratio * x / append_dims(alpha_t, x.ndim) + (1 - ratio) * x0_hat)
@@ -102,6 +123,9 @@ def sample_heun(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, *, gri
     x = x_T
     for t, s in _steps(grid, "Heun", x_T, progress):
         alpha_t, sigma_t = noise_level(process, t)
+        if at_pure_noise(alpha_t):
+            x = _finish(pure_noise_step(denoise, process, x, t, s), s, project)
+            continue
         x_tilde = heun_step(denoise, process, x / append_dims(alpha_t, x.ndim), t, sigma_t, s)
         x = _finish(append_dims(process.alpha(s), x.ndim) * x_tilde, s, project)
     return x
@@ -152,6 +176,9 @@ def dpmpp_2m_loop(denoise: DenoiseFn, process: ForwardProcess, x_T: Tensor, grid
     x, previous = x_T, None  # previous: (D_prev, h_prev)
     for t, s in _steps(grid, name, x_T, progress):
         (alpha_t, sigma_t), (alpha_s, sigma_s) = noise_level(process, t), noise_level(process, s)
+        if at_pure_noise(alpha_t):  # then D_prev stays unset: the next step is first order too
+            x = _finish(pure_noise_step(denoise, process, x, t, s), s, project)
+            continue
         x0_hat = denoise(x, t).x0
         if not bool((sigma_s > 0).all()):
             x = _finish(append_dims(alpha_s, x.ndim) * x0_hat, s, project)

@@ -17,9 +17,11 @@ from diffusion_pl.processes.noise_levels import sigma_range, times_at_sigmas
 from diffusion_pl.samplers.edm import (
     _finish,
     _steps,
+    at_pure_noise,
     dpmpp_2m_loop,
     heun_step,
     noise_level,
+    pure_noise_step,
 )
 
 
@@ -67,6 +69,9 @@ def sample_edm_stochastic(denoise: DenoiseFn, process: ForwardProcess, x_T: Tens
     x = x_T
     for t, s in _steps(grid, "EDM", x_T, progress):
         alpha_t, sigma_t = noise_level(process, t)
+        if at_pure_noise(alpha_t):
+            x = _finish(pure_noise_step(denoise, process, x, t, s), s, project)
+            continue
         x_tilde = x / append_dims(alpha_t, x.ndim)
         gamma = churn(float(sigma_t[0]), steps, s_churn, s_tmin, s_tmax)
         raised = min(float(sigma_t[0]) * (1 + gamma), top)

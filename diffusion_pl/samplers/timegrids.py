@@ -77,9 +77,10 @@ class Karras(TimeGrid):
         rho: The exponent (> 0).
         sigma_min: The smallest noise level sigma / alpha; None: the process's own, at its smallest training time
             (EDM uses 0.002 on its VE-like processes).
-        sigma_max: The largest; None: the process's own at its largest training time, at most
+        sigma_max: The largest (finite); None: the process's own at its largest training time, at most
             :data:`EDM_SIGMA_MAX` (80, EDM's); the prior noise then stands for that level (its data part, alpha x0,
-            is below 1.3% of the noise there).
+            is below 1.3% of the noise there). On a zero-terminal-SNR process, whose largest is infinite, the grid
+            thus starts at 80, below T; a :class:`Trailing` or :class:`Uniform` grid starts at T itself.
     """
 
     def __init__(self, rho: float = 7.0, sigma_min: float | None = None, sigma_max: float | None = None) -> None:
@@ -87,6 +88,9 @@ class Karras(TimeGrid):
             raise ValueError(f"Karras rho must be positive, got {rho}")
         if sigma_min is not None and sigma_min <= 0:
             raise ValueError(f"Karras sigma_min must be positive, got {sigma_min}")
+        if sigma_max is not None and not math.isfinite(sigma_max):
+            raise ValueError(f"Karras sigma_max must be finite, got {sigma_max}; leave it null for min(80, the "
+                             "process's largest)")
         if sigma_min is not None and sigma_max is not None and sigma_max <= sigma_min:
             raise ValueError(f"Karras needs sigma_max > sigma_min, got sigma_min={sigma_min}, sigma_max={sigma_max}")
         self.rho = rho
@@ -123,7 +127,8 @@ class Uniform(TimeGrid):
 
 class Trailing(TimeGrid):
     """Lin et al. 2024, Table 2 ("trailing"): t_i = T (1 - i / N), i < N, starting exactly at T, so that the
-    first step sees the prior's noise level (a "leading" grid such as DDIM's 1 + i T / N never does); on a
+    first step sees the prior's noise level (a "leading" grid such as DDIM's 1 + i T / N never does; on a
+    zero-terminal-SNR process that level is pure noise, x_T = eps, and the prior is exact); on a
     discrete process rounded to integer steps (N <= T), which is DDIM's strided grid."""
 
     def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
@@ -139,10 +144,16 @@ class Trailing(TimeGrid):
 
 class LogSNR(TimeGrid):
     """N times equally spaced in log-SNR lambda from the largest training time to the smallest (the "logSNR"
-    steps of DPM-Solver, Lu et al. 2022, Sec. 3.3; equal steps h in DPM-Solver++'s lambda = -log sigma)."""
+    steps of DPM-Solver, Lu et al. 2022, Sec. 3.3; equal steps h in DPM-Solver++'s lambda = -log sigma).
+
+    Refuses a zero-terminal-SNR process (lambda_T = -inf: no equal steps reach it)."""
 
     def _levels(self, process: ForwardProcess, steps: int) -> Tensor:
         low, high = sigma_range(process)
+        if not math.isfinite(high):
+            raise ValueError("LogSNR spaces its steps equally in log-SNR from the process's largest noise level, which "
+                             "is infinite on a zero-terminal-SNR process (alpha-bar_T = 0); use spacing: Trailing (it "
+                             "starts at T, from pure noise) or Karras (it starts at sigma_max = 80)")
         sigmas = torch.logspace(math.log10(high), math.log10(low), steps, dtype=torch.float64)
         times = times_at_sigmas(process, sigmas.clamp(low, high))
         t_min, t_max = time_range(process)
