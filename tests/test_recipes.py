@@ -222,3 +222,14 @@ def test_prediction_string_and_part_together_are_refused() -> None:
         DiffusionModule(net, DiscreteProcess(100, "cosine"), parameterization=V(), prediction="eps")
     legacy = DiffusionModule(net, DiscreteProcess(100, "cosine"), prediction="v", learned_variance=False)
     assert type(legacy.denoiser.parameterization) is V
+
+
+def test_v_min_snr_overlay_changes_only_the_parameterization_and_weighting(tmp_path: Path) -> None:
+    """overlays/v_min_snr.yaml on the demo: v-prediction with MinSNR(5) weighting, the demo's process and sampler."""
+    from helpers import DDPM_FASHION, REPO, tiny_cli
+
+    cli = tiny_cli(tmp_path, "--config", str(REPO / "overlays" / "v_min_snr.yaml"), config=DDPM_FASHION)
+    assert type(cli.model.denoiser.parameterization) is V
+    assert type(cli.model.loss_fn) is SimpleLoss and cli.model.loss_fn.times is None
+    assert type(cli.model.loss_fn.weighting) is MinSNR and cli.model.loss_fn.weighting.gamma == 5.0
+    assert type(cli.model.process) is DiscreteProcess and type(cli.model.sampler) is DDIM
