@@ -11,7 +11,8 @@ import pytest
 from helpers import CONFIGS, DDPM_FASHION, REPO, last_checkpoint, run_cli
 
 from diffusion_pl.callbacks.progress import RunProgressBar
-from diffusion_pl.data import DatasetNotFoundError
+from diffusion_pl.cli import build_cli
+from diffusion_pl.data import DatasetNotFoundError, Digits, FashionMNIST, ImageDataModule
 from diffusion_pl.samplers import DDPM
 
 # Configs of trained models put together for predict (cascades): tests/test_cascade.py runs them on tiny stages.
@@ -46,6 +47,23 @@ def test_data_arguments_are_linked_into_model_and_net(tmp_path: Path) -> None:
     assert cli.model.hparams.image_size == 8 and cli.model.hparams.channels == 1
     net = cli.model.denoiser.net
     assert net.image_size == 8 and net.in_channels == 1
+
+
+def test_a_config_that_names_its_source_runs_after_the_defaults_file(tmp_path: Path) -> None:
+    """The data source given only in config files (not on the command line, as the tiny overrides do): each
+    subcommand's parser reads the defaults file first, which names the data module without a source, and must not
+    refuse it before the config files are read (the README's first command failed so, when no ``--model`` option was
+    given on the command line)."""
+    data = tmp_path / "digits.yaml"
+    data.write_text("data:\n  init_args:\n    source: diffusion_pl.data.Digits\n    image_format:\n      image_size: 8\n"
+                    "      resize_mode: resize\n    batch_size: 16\n")
+    cli = build_cli(["fit", "--config", DDPM_FASHION, "--config", str(data), "--trainer.fast_dev_run=true",
+                     f"--trainer.default_root_dir={tmp_path}"])
+    assert isinstance(cli.datamodule.source, Digits) and cli.trainer.global_step == 1
+
+
+def test_the_data_source_defaults_to_fashion_mnist() -> None:
+    assert isinstance(ImageDataModule().source, FashionMNIST)
 
 
 def test_omegaconf_interpolation(tmp_path: Path) -> None:

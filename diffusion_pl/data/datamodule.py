@@ -20,7 +20,7 @@ from diffusion_pl.data.format import ImageFormat
 from diffusion_pl.data.images import Images
 from diffusion_pl.data.loading import Batching
 from diffusion_pl.data.predict import PredictInput, Seeds
-from diffusion_pl.data.sources import ImageSource, Split
+from diffusion_pl.data.sources import FashionMNIST, ImageSource, Split
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +34,7 @@ class ImageDataModule(L.LightningDataModule):
     ``state_dict`` restores. The training order is exactly resumable and sharded by rank (the source's loader).
 
     Args:
-        source: The dataset, e.g. ``FashionMNIST()``, ``Torchvision("CIFAR10")``, ``ImageFolder("photos/")``,
+        source: The dataset, e.g. ``FashionMNIST()`` (default), ``Torchvision("CIFAR10")``, ``ImageFolder("photos/")``,
             ``Streaming("s3://bucket/photos_optimized")``.
         image_format: Size, channels, fit and downsampling of every image (the CLI links size and channels into the
             model and its network).
@@ -50,7 +50,7 @@ class ImageDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        source: ImageSource,
+        source: ImageSource | None = None,
         image_format: ImageFormat = ImageFormat(),
         random_flip: bool = False,
         val_fraction: float = 0.05,
@@ -67,10 +67,11 @@ class ImageDataModule(L.LightningDataModule):
             )
         if batch_size < 1:
             raise ValueError(f"batch sizes must be >= 1, got batch_size={batch_size}")
-        self.source, self.image_format = source, image_format
+        self.source = source if source is not None else FashionMNIST()
+        self.image_format = image_format
         self.predict = predict if predict is not None else Seeds()
         self.save_hyperparameters(ignore=["source", "image_format", "predict"], logger=False)
-        self.hparams.update(source=spec_of(source), image_format=asdict(image_format), predict=spec_of(self.predict))
+        self.hparams.update(source=spec_of(self.source), image_format=asdict(image_format), predict=spec_of(self.predict))
         self._class_names: tuple[str, ...] | None = None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
