@@ -113,8 +113,12 @@ def test_every_config_is_recorded() -> None:
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_config_resolves_as_recorded(config: str) -> None:
-    """Moving settings to the defaults file changed no resolved value (dicts compare regardless of key order)."""
-    assert printed_config(["fit", "--config", str(REPO / config)]) == RECORDED[config]
+    """Moving settings to the defaults file, or a config's shared values to the config it extends, changed no resolved
+    value (dicts compare regardless of key order)."""
+    printed = printed_config(["fit", "--config", str(REPO / config)])
+    # `extends` (cli/extends.py) came after the record; it is read before parsing and always resolves to null.
+    assert printed.pop("extends") is None
+    assert printed == RECORDED[config]
 
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict", None])

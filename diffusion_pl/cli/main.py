@@ -41,6 +41,7 @@ from diffusion_pl.callbacks import (
 from diffusion_pl.callbacks.preemption import TERMINATED_STATUS
 from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli.data_form import check_data_form
+from diffusion_pl.cli.extends import EXTENDS, expand_extends
 from diffusion_pl.cli.errors import (
     DEBUG_ENV,
     DEBUG_FLAG,
@@ -168,6 +169,9 @@ class DiffusionCLI(LightningCLI):
         return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(f"--{EXTENDS}", type=str | None, default=None,
+                            help="A config file's base config, relative to the file: read as --config BASE before it "
+                                 "(README, Configs). Expanded before parsing, so the parsed value is always null.")
         for source, target in DATA_TO_MODEL_LINKS:
             parser.link_arguments(source, target)
 
@@ -202,8 +206,13 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
             form), or a config value that a class refuses.
     """
     args = list(args) if args is not None else None
-    check_config_files(sys.argv[1:] if args is None else args)
-    check_data_form(sys.argv[1:] if args is None else args)
+    given = sys.argv[1:] if args is None else args
+    check_config_files(given)
+    # Configs that extend others become ``--config BASE --config CONFIG`` (cli/extends.py). sys.argv stays as given:
+    # DDP ranks that Lightning starts re-run it and expand it alike; the resume command repeats it.
+    expanded = expand_extends(given, SUBCOMMANDS if run else ())
+    check_config_files(expanded)
+    check_data_form(expanded)
     return DiffusionCLI(
         model_class=pl.LightningModule,
         datamodule_class=ImageDataModule,
@@ -212,7 +221,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
         parser_kwargs=parser_arguments(run, exit_on_error),
         trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory(), TerminationCheckpoint(args)]},
         save_config_kwargs={"overwrite": True},
-        args=args,
+        args=args if expanded == given else expanded,
         run=run,
     )
 
