@@ -70,10 +70,21 @@ def _expanded(value: str) -> list[str]:
     return [*(str(p) for p in chain[:-1]), value]
 
 
+def _config_option(args: Sequence[str], i: int) -> list[str] | None:
+    """The ``--config FILE`` (``-c FILE``, ``--config=FILE``) option at ``args[i]``, as written, or None."""
+    if args[i:i + 1] and args[i] in _CONFIG_OPTIONS and i + 1 < len(args):
+        return list(args[i:i + 2])
+    if args[i:i + 1] and args[i].startswith("--config="):
+        return [args[i]]
+    return None
+
+
 def expand_extends(args: Sequence[str], subcommands: Sequence[str] = ()) -> list[str]:
     """``args`` with every ``--config FILE`` (``--config=FILE``, ``-c FILE``) whose file extends another replaced by
     ``--config`` for each config of its chain, then :data:`CLEAR`. With ``subcommands``, only the options after the
-    first of them are expanded (those of the subcommand's parser, which has the ``extends`` key).
+    first of them are expanded (those of the subcommand's parser, which has the ``extends`` key). Expanding the
+    result again changes nothing (``--config`` options followed by :data:`CLEAR` are
+    taken as expanded).
 
     Raises:
         ConfigError: A config of a chain is not valid YAML, is missing or closes a cycle.
@@ -82,16 +93,20 @@ def expand_extends(args: Sequence[str], subcommands: Sequence[str] = ()) -> list
     start = next((i + 1 for i, arg in enumerate(args) if arg in subcommands), 0 if not subcommands else len(args))
     out, i = args[:start], start
     while i < len(args):
-        arg = args[i]
-        if arg in _CONFIG_OPTIONS and i + 1 < len(args):
-            given, value = args[i:i + 2], args[i + 1]
-        elif arg.startswith("--config="):
-            given, value = [arg], arg.partition("=")[2]
-        else:
-            out.append(arg)
+        given = _config_option(args, i)
+        if given is None:
+            out.append(args[i])
             i += 1
             continue
+        end = i
+        while (following := _config_option(args, end)) is not None:  # a run of --config options
+            end += len(following)
+        if args[end:end + 1] == [CLEAR]:  # expanded before: as it is
+            out += args[i:end + 1]
+            i = end + 1
+            continue
         i += len(given)
+        value = given[-1].partition("=")[2] if len(given) == 1 else given[1]
         chain = _expanded(value)
         if len(chain) == 1:
             out += given  # as written
