@@ -41,7 +41,6 @@ from diffusion_pl.callbacks import (
 from diffusion_pl.callbacks.preemption import TERMINATED_STATUS
 from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli.data_form import check_data_form
-from diffusion_pl.cli.extends import EXTENDS, expand_extends
 from diffusion_pl.cli.errors import (
     DEBUG_ENV,
     DEBUG_FLAG,
@@ -49,6 +48,7 @@ from diffusion_pl.cli.errors import (
     config_error,
     message,
 )
+from diffusion_pl.cli.extends import EXTENDS, expand_extends
 from diffusion_pl.core.checkpoint_file import read_checkpoint
 from diffusion_pl.core.errors import UserError, WriteError
 from diffusion_pl.core.spec import build, is_spec
