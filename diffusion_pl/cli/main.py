@@ -4,7 +4,8 @@
     diffusion-pl predict --config configs/ddpm/fashion_mnist.yaml --ckpt_path path/to/last.ckpt
 
 Every run starts from ``defaults.yaml`` beside this module (seed, trainer settings, the standard callbacks, the data
-class), which the config files and then the command line override (README, "Configs").
+class), which the config files and then the command line override (README, "Configs"). A config that starts with
+``extends: BASE`` is read as ``--config BASE --config CONFIG`` (:mod:`diffusion_pl.cli.extends`).
 
 Bad input (data, config values, checkpoints, files) exits with status 2 and one message that says what to fix;
 ``--debug`` or ``DIFFUSION_PL_DEBUG=1`` shows the traceback instead. A run that SIGTERM stops exits with status 143
