@@ -20,6 +20,7 @@ import glob
 import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -214,15 +215,24 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
     expanded = expand_extends(given, SUBCOMMANDS if run else ())
     check_config_files(expanded)
     check_data_form(expanded)
+    with warnings.catch_warnings():
+        if args is None and expanded != given:  # the command line's arguments, expanded: not "args and sys.argv both"
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _diffusion_cli(args, expanded if expanded != given else args, run, exit_on_error)
+
+
+def _diffusion_cli(command: list[str] | None, args: list[str] | None, run: bool, exit_on_error: bool) -> DiffusionCLI:
+    """The CLI parsing ``args`` (``sys.argv`` when None); ``command``: the arguments as given, for the resume
+    command that :class:`TerminationCheckpoint` writes (None: ``sys.argv``)."""
     return DiffusionCLI(
         model_class=pl.LightningModule,
         datamodule_class=ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs=parser_arguments(run, exit_on_error),
-        trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory(), TerminationCheckpoint(args)]},
+        trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory(), TerminationCheckpoint(command)]},
         save_config_kwargs={"overwrite": True},
-        args=args if expanded == given else expanded,
+        args=args,
         run=run,
     )
 
