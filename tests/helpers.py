@@ -24,6 +24,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+import yaml
 
 if TYPE_CHECKING:  # the command line is imported when a test runs it: tests of plain Trainers do without it
     from diffusion_pl.cli import DiffusionCLI
@@ -118,7 +119,8 @@ def tiny_args(root: Path, *extra: str, config: str | Path = DDPM_FASHION,
     the tiny overrides) writing under ``root``; ``extra`` last."""
     text = config_and_parts_text(config_path(config))
     return [*config_args(config, overlays), f"--trainer.default_root_dir={root}", "--trainer.enable_progress_bar=false",
-            "--trainer.enable_model_summary=false", *tiny_net(text), *TINY_DATA, *tiny_process(text),
+            "--trainer.enable_model_summary=false", *tiny_net(text), *TINY_DATA,
+            *tiny_process(text, process_text(config_path(config))),
             *tiny_text_encoder(text), *tiny_first_stage(text), *extra]
 
 
@@ -181,9 +183,22 @@ def tiny_first_stage(config_text: str) -> list[str]:
             "--model.init_args.first_stage.init_args.calibration_images=256", *cross]
 
 
-def tiny_process(config_text: str) -> list[str]:
-    """The overrides that make a discrete config's process (and its sampler's steps) tiny."""
-    if "DiscreteProcess" not in config_text:
+def process_text(path: str | Path) -> str:
+    """The YAML of the process a config trains: written in it or in the part file it names, else its base's (the
+    config it ``extends``); ``null`` for a config without one."""
+    path = Path(path)
+    config = yaml.safe_load(path.read_text()) or {}
+    process = ((config.get("model") or {}).get("init_args") or {}).get("process")
+    if process is None and config.get("extends"):
+        return process_text(path.parent / config["extends"])
+    if isinstance(process, str) and process.endswith(".yaml"):
+        return (path.parent / process).read_text()
+    return yaml.safe_dump(process)
+
+
+def tiny_process(config_text: str, process: str) -> list[str]:
+    """The overrides that make a discrete config's process (the YAML ``process``) and its sampler's steps tiny."""
+    if "DiscreteProcess" not in process:
         return []
     steps = [int(n) for n in re.findall(r"\n\s+steps: (\d+)", config_text)]
     return TINY_DISCRETE + (TINY_STEPS if any(n > 100 for n in steps) else [])

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import CONFIGS, DDPM_FASHION, REPO, last_checkpoint, run_cli
+from helpers import CONFIGS, DDPM_FASHION, REPO, config_and_parts_text, last_checkpoint, run_cli
 
 from diffusion_pl.callbacks.progress import RunProgressBar
 from diffusion_pl.cli import build_cli
@@ -16,7 +16,8 @@ from diffusion_pl.data import DatasetNotFoundError, Digits, FashionMNIST, ImageD
 from diffusion_pl.samplers import DDPM
 
 # Configs of trained models put together for predict (cascades): tests/test_cascade.py runs them on tiny stages.
-PREDICT_ONLY = [config for config in CONFIGS if "diffusion_pl.models.CascadeModule" in (REPO / config).read_text()]
+PREDICT_ONLY = [config for config in CONFIGS
+                if "diffusion_pl.models.CascadeModule" in config_and_parts_text(REPO / config)]
 FIT_CONFIGS = [config for config in CONFIGS if config not in PREDICT_ONLY]
 
 

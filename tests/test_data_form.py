@@ -59,11 +59,17 @@ OLD = {
 
 
 def data_init_args(path: Path) -> dict:
-    """The ``data.init_args`` of a config or overlay: written in it, or in the data part file it names."""
-    data = yaml.safe_load(path.read_text())["data"]
+    """The ``data.init_args`` of a config or overlay: written in it, in the data part file it names, or (when it has
+    no data block) in the config it extends; a value given as a part file (``source: ../parts/...``) read from it."""
+    config = yaml.safe_load(path.read_text())
+    if "data" not in config:
+        return data_init_args(path.parent / config["extends"])
+    data = config["data"]
     if isinstance(data, str):  # a part file (configs/parts/data), relative to the config
-        data = yaml.safe_load((path.parent / data).read_text())
-    return data["init_args"]
+        path = path.parent / data
+        data = yaml.safe_load(path.read_text())
+    return {key: yaml.safe_load((path.parent / value).read_text())  # a part file of the source, say
+            if isinstance(value, str) and value.endswith(".yaml") else value for key, value in data["init_args"].items()}
 
 
 @pytest.mark.parametrize("path", sorted(OLD))

@@ -74,21 +74,29 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def read_config_file(path: Path) -> object:
+    """The YAML content of the config file at ``path``.
+
+    Raises:
+        ConfigError: The file is not valid YAML (the message names the file, line and problem).
+    """
+    try:
+        return yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a safe loader
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+        raise ConfigError(f"config file {path} is not valid YAML: {error.problem}{where}"
+                          f"{f' ({error.context})' if error.context else ''}; fix the syntax there") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"config file {path} is not valid YAML ({error}); fix the syntax there") from error
+
+
 def check_config_files(args: Sequence[str]) -> None:
     """Refuse a ``--config`` file that is not valid YAML, naming the file, line and problem (jsonargparse names
     neither the file nor, for some errors, the line)."""
     for path in config_files(args):
-        if not path.is_file():
-            continue  # jsonargparse reports it
-        try:
-            yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 - a safe loader
-        except yaml.MarkedYAMLError as error:
-            mark = error.problem_mark
-            where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
-            raise ConfigError(f"config file {path} is not valid YAML: {error.problem}{where}"
-                              f"{f' ({error.context})' if error.context else ''}; fix the syntax there") from error
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {path} is not valid YAML ({error}); fix the syntax there") from error
+        if path.is_file():  # else jsonargparse reports it
+            read_config_file(path)
 
 
 def _without_worker_traceback(text: str) -> str:

@@ -4,7 +4,8 @@
     diffusion-pl predict --config configs/ddpm/fashion_mnist.yaml --ckpt_path path/to/last.ckpt
 
 Every run starts from ``defaults.yaml`` beside this module (seed, trainer settings, the standard callbacks, the data
-class), which the config files and then the command line override (README, "Configs").
+class), which the config files and then the command line override (README, "Configs"). A config that starts with
+``extends: BASE`` is read as ``--config BASE --config CONFIG`` (:mod:`diffusion_pl.cli.extends`).
 
 Bad input (data, config values, checkpoints, files) exits with status 2 and one message that says what to fix;
 ``--debug`` or ``DIFFUSION_PL_DEBUG=1`` shows the traceback instead. A run that SIGTERM stops exits with status 143
@@ -19,6 +20,7 @@ import glob
 import logging
 import os
 import sys
+import warnings
 from argparse import ArgumentError
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -48,6 +50,7 @@ from diffusion_pl.cli.errors import (
     config_error,
     message,
 )
+from diffusion_pl.cli.extends import EXTENDS, expand_extends
 from diffusion_pl.core.checkpoint_file import read_checkpoint
 from diffusion_pl.core.errors import UserError, WriteError
 from diffusion_pl.core.spec import build, is_spec
@@ -168,6 +171,9 @@ class DiffusionCLI(LightningCLI):
         return trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(f"--{EXTENDS}", type=str | None, default=None,
+                            help="A config file's base config, relative to the file: read as --config BASE before it "
+                                 "(README, Configs). Expanded before parsing, so the parsed value is always null.")
         for source, target in DATA_TO_MODEL_LINKS:
             parser.link_arguments(source, target)
 
@@ -202,15 +208,29 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
             form), or a config value that a class refuses.
     """
     args = list(args) if args is not None else None
-    check_config_files(sys.argv[1:] if args is None else args)
-    check_data_form(sys.argv[1:] if args is None else args)
+    given = sys.argv[1:] if args is None else args
+    check_config_files(given)
+    # Configs that extend others become ``--config BASE --config CONFIG`` (cli/extends.py). sys.argv stays as given:
+    # DDP ranks that Lightning starts re-run it and expand it alike; the resume command repeats it.
+    expanded = expand_extends(given, SUBCOMMANDS if run else ())
+    check_config_files(expanded)
+    check_data_form(expanded)
+    with warnings.catch_warnings():
+        if args is None and expanded != given:  # the command line's arguments, expanded: not "args and sys.argv both"
+            warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        return _diffusion_cli(args, expanded if expanded != given else args, run, exit_on_error)
+
+
+def _diffusion_cli(command: list[str] | None, args: list[str] | None, run: bool, exit_on_error: bool) -> DiffusionCLI:
+    """The CLI parsing ``args`` (``sys.argv`` when None); ``command``: the arguments as given, for the resume
+    command that :class:`TerminationCheckpoint` writes (None: ``sys.argv``)."""
     return DiffusionCLI(
         model_class=pl.LightningModule,
         datamodule_class=ImageDataModule,
         subclass_mode_model=True,
         subclass_mode_data=True,
         parser_kwargs=parser_arguments(run, exit_on_error),
-        trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory(), TerminationCheckpoint(args)]},
+        trainer_defaults={"callbacks": [ResumeRNGState(), RunDirectory(), TerminationCheckpoint(command)]},
         save_config_kwargs={"overwrite": True},
         args=args,
         run=run,
