@@ -12,7 +12,8 @@ script in a copy of that commit:
 
 Recorded again when the data module took parts (issue 26): every key but ``data`` was identical to the record of
 18d6d88, and each config's data block held the same values as its flat arguments there (source, root, format, predict
-inputs, batching). Nothing in the output differs between runs or machines (recorded twice: identical). Record again (the same way, in
+inputs, batching). Recorded again when DiscreteProcess gained ``zero_terminal_snr`` (default False; the only change).
+Nothing in the output differs between runs or machines (recorded twice: identical). Record again (the same way, in
 this checkout) only when configs are meant to resolve differently: a new config, or a Lightning upgrade that adds
 Trainer arguments.
 """
