@@ -209,7 +209,6 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True, *, exit_on_er
     """
     args = list(args) if args is not None else None
     given = sys.argv[1:] if args is None else args
-    check_config_files(given)
     # Configs that extend others become ``--config BASE --config CONFIG`` (cli/extends.py). sys.argv stays as given:
     # DDP ranks that Lightning starts re-run it and expand it alike; the resume command repeats it.
     expanded = expand_extends(given, SUBCOMMANDS if run else ())
